@@ -1,0 +1,144 @@
+"""Command line: ``gptfl-hpc <command> CONFIG [key=value ...] [--out DIR]``.
+
+Every MPI entry point runs as ``python -m mpi4py -m gptfl_hpc ...`` so that an uncaught exception
+on any rank aborts the whole job. A :class:`GptflError` becomes one line on stderr and a non-zero
+exit on every rank (MPI_Abort when the world has more than one rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gptfl_hpc.errors import GptflError
+
+log = logging.getLogger("gptfl_hpc")
+
+COMMANDS = {
+    "check-config": "validate a config (and overrides) without running anything",
+    "prepare": "partition the dataset into per-client HDF5 shards + test set + manifest",
+    "train-generator": "train the embedded class-conditional diffusion model on the public split",
+    "synthesize": "generate the labelled synthetic set (HDF5) with a diffusers generator",
+    "pretrain": "train the downstream model on the synthetic set (accelerate)",
+    "federate": "federated training over MPI (rank 0 server, ranks 1..N-1 clients)",
+    "run": "the whole GPT-FL pipeline plus baselines, report.md and accuracy.png",
+    "submit": "submit a command to Slurm (or run locally) through submitit",
+    "scale": "scaling experiment over rank counts (local mpiexec or Slurm)",
+    "render-slurm": "print a Slurm batch script rendered from the config",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gptfl-hpc", description="GPT-FL on HPC clusters.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, help_ in COMMANDS.items():
+        s = sub.add_parser(name, help=help_, description=help_)
+        s.add_argument("config", help="YAML config file")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fl.rounds=50")
+        if name != "check-config":
+            s.add_argument("--out", required=name not in ("render-slurm",), default=None,
+                           help="output directory")
+        if name in ("federate", "run", "pretrain", "synthesize"):
+            s.add_argument("--resume", action="store_true",
+                           help="continue from the newest complete checkpoint in --out")
+        if name == "synthesize":
+            s.add_argument("--generator", default=None, help="generator directory (overrides "
+                           "gen.generator; default <out>/generator for 'embedded')")
+        if name == "pretrain":
+            s.add_argument("--synthetic", default=None,
+                           help="synthetic HDF5 (default <out>/synthetic.h5)")
+        if name in ("submit", "scale", "render-slurm"):
+            try:  # TEMP until launch lands
+                from gptfl_hpc.launch.cli_args import add_launch_args
+            except ModuleNotFoundError:
+                continue
+            add_launch_args(s, name)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gptfl_hpc.log import init_logging
+
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    # overrides may also come after options: `federate CFG --out D fl.rounds=5`
+    bad = [r for r in rest if r.startswith("-") or "=" not in r]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = list(getattr(args, "overrides", [])) + rest
+    rank = _rank_from_env()
+    init_logging(rank)
+    try:
+        from gptfl_hpc.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "check-config":
+            from gptfl_hpc.config import dump_yaml
+
+            sys.stdout.write(dump_yaml(cfg))
+            log.info("config %s is valid", args.config)
+            return 0
+        return _dispatch(args, cfg) or 0
+    except GptflError as e:
+        msg = f"gptfl-hpc {args.command}: error: {e}"
+        sys.stderr.write(f"[gptfl r{rank}] {msg}\n")
+        sys.stderr.flush()
+        _abort_world(e.exit_code)
+        return e.exit_code
+    except KeyboardInterrupt:
+        _abort_world(130)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, cfg) -> int | None:
+    out = Path(args.out) if args.out else None
+    cmd = args.command
+    if cmd == "prepare":
+        from gptfl_hpc.data.prepare import prepare_data
+
+        prepare_data(cfg.data, seed=cfg.run.seed, out_dir=out)
+    elif cmd == "train-generator":
+        from gptfl_hpc.pipeline import stage_train_generator
+
+        stage_train_generator(cfg, out)
+    elif cmd == "synthesize":
+        from gptfl_hpc.pipeline import stage_synthesize
+
+        stage_synthesize(cfg, out, generator=args.generator)
+    elif cmd == "pretrain":
+        from gptfl_hpc.pipeline import stage_pretrain
+
+        stage_pretrain(cfg, out, synthetic=args.synthetic)
+    elif cmd == "federate":
+        from gptfl_hpc.fl.engine import federate
+
+        federate(cfg, out, resume=args.resume)
+    elif cmd == "run":
+        from gptfl_hpc.pipeline import run_pipeline
+
+        run_pipeline(cfg, out)
+    elif cmd in ("submit", "scale", "render-slurm"):
+        from gptfl_hpc.launch.cli_args import run_launch_command
+
+        return run_launch_command(cmd, args, cfg)
+    return 0
+
+
+def _rank_from_env() -> int:
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def _abort_world(code: int) -> None:
+    """End every rank within seconds: MPI_Abort when MPI is live with more than one rank."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        if mpi.COMM_WORLD.Get_size() > 1:
+            logging.shutdown()
+            mpi.COMM_WORLD.Abort(code)

@@ -1,0 +1,461 @@
+"""Typed, validated configuration tree.
+
+YAML is read with ``yaml.safe_load`` into frozen dataclasses; dotted overrides (``fl.rounds=50``)
+from the command line are applied on top (precedence: CLI > YAML > defaults). Every unknown key,
+wrong type or out-of-range value raises :class:`ConfigError` with a one-line message that names the
+key and lists the valid choices, before any work starts.
+
+Each component receives only its own section (``cfg.fl``, ``cfg.gen``...), never the root.
+This module depends on the standard library and pyyaml only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Union, get_args, get_origin
+
+from gptfl_hpc.errors import ConfigError
+
+# Kept here (not imported from gptfl_hpc.models) so validating a config never imports torch.
+# tests/test_models.py asserts that this tuple equals the registry's keys.
+MODEL_NAMES = ("digits_cnn", "convnet", "resnet20", "resnet18")
+ALGORITHMS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+frozen = dataclass(frozen=True, kw_only=True, slots=True)
+
+
+@frozen
+class RunConfig:
+    seed: int = 0
+    """Base seed; every other seed derives from (seed, purpose, client/class, round/index)."""
+    threads: int = 0
+    """torch intra-op threads per rank; 0 = cores on the node / ranks on the node (at least 1)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the server (rank 0) synthesises and pretrains. FL clients use the same rule."""
+    methods: list[str] = field(default_factory=lambda: ["gptfl", "fedavg", "synthetic_only"])
+    """Methods that ``gptfl-hpc run`` compares (subset of gptfl, fedavg, synthetic_only)."""
+
+    def __post_init__(self) -> None:
+        _check(self.threads >= 0, "run.threads", self.threads, ">= 0")
+        bad = [m for m in self.methods if m not in ("gptfl", "fedavg", "synthetic_only")]
+        _check(not bad and self.methods, "run.methods", self.methods,
+               "a non-empty list of: gptfl, fedavg, synthetic_only")
+
+
+@frozen
+class DataConfig:
+    source: Literal["digits", "cifar10", "cifar100", "arrays"] = "digits"
+    """digits: scikit-learn's bundled digits (no download); cifar10/cifar100: the python-pickle
+    batches in `root`; arrays: an .npz or .h5 file in `root`."""
+    root: str | None = None
+    """cifar*: directory holding data_batch_* / test_batch (or train / test); arrays: the file."""
+    dir: str | None = None
+    """Where prepared shards live. None: <out>/data of the command that needs them."""
+    public_fraction: float = 0.3
+    """digits only: stratified share reserved for the generator (no client ever holds it)."""
+    test_size: float = 360
+    """digits/arrays without a test split: test images (>= 1) or fraction (< 1)."""
+    num_clients: int = 20
+    partition: Literal["iid", "dirichlet", "natural"] = "dirichlet"
+    alpha: float = 0.1
+    """Dirichlet concentration (label skew); smaller is more skewed."""
+    min_client_size: int = 10
+    """Dirichlet: resample until every client holds at least this many samples."""
+    natural_key: str | None = None
+    """natural partition: array in the arrays file whose values name each sample's client."""
+    images_key: str = "images"
+    labels_key: str = "labels"
+    label_names: list[str] | None = None
+    """Override of the source's label names (also the prompts' class names)."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.public_fraction < 1.0, "data.public_fraction", self.public_fraction,
+               "0 <= x < 1")
+        _check(self.test_size > 0, "data.test_size", self.test_size, "> 0")
+        _check(self.num_clients >= 1, "data.num_clients", self.num_clients, ">= 1")
+        _check(self.alpha > 0, "data.alpha", self.alpha, "> 0")
+        _check(self.min_client_size >= 1, "data.min_client_size", self.min_client_size, ">= 1")
+        if self.partition == "natural":
+            _check(self.source == "arrays" and bool(self.natural_key), "data.natural_key",
+                   self.natural_key, "the name of a key array in an 'arrays' source")
+        if self.source in ("cifar10", "cifar100", "arrays"):
+            _check(bool(self.root), "data.root", self.root,
+                   f"a local path (required for data.source={self.source})")
+
+
+@frozen
+class ModelConfig:
+    name: str = "digits_cnn"
+    """One of MODEL_NAMES."""
+    width: int = 128
+    """convnet only: channels per layer."""
+    depth: int = 3
+    """convnet only: conv blocks."""
+
+    def __post_init__(self) -> None:
+        _check(self.name in MODEL_NAMES, "model.name", self.name, ", ".join(MODEL_NAMES))
+        _check(self.width >= 1 and self.depth >= 1, "model.width/depth", (self.width, self.depth),
+               ">= 1")
+
+
+@frozen
+class FLConfig:
+    algorithm: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = (
+        "fedavg")
+    rounds: int = 30
+    clients_per_round: int = 5
+    local_epochs: int = 1
+    batch_size: int = 32
+    client_optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    client_lr: float = 0.05
+    client_momentum: float = 0.0
+    client_weight_decay: float = 0.0
+    prox_mu: float = 0.01
+    """FedProx proximal term weight (used by algorithm=fedprox only)."""
+    server_lr: float = 1.0
+    """FedAvg/FedProx/FedAvgM: step on the averaged update (1.0 = plain averaging).
+    FedAdam/FedYogi/FedAdagrad: Reddi et al.'s eta (try 1e-2 .. 1e-1; never 1e-6)."""
+    server_momentum: float = 0.9
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    init: str = "random"
+    """'random' or a .safetensors checkpoint (GPT-FL passes the pretrained model here)."""
+    augment: bool = True
+    """Training augmentation; the same transform is used by server pretraining."""
+    eval_every: int = 1
+    eval_batch_size: int = 512
+    checkpoint_every: int = 5
+    keep_checkpoints: int = 2
+    target_accuracy: float = 0.9
+    """summary.json reports the first round whose test accuracy reaches this."""
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every",
+                    "eval_batch_size", "checkpoint_every", "keep_checkpoints"):
+            _check(getattr(self, key) >= 1, f"fl.{key}", getattr(self, key), ">= 1")
+        _check(self.client_lr > 0, "fl.client_lr", self.client_lr, "> 0")
+        _check(self.server_lr > 0, "fl.server_lr", self.server_lr, "> 0")
+        _check(0 <= self.client_momentum < 1, "fl.client_momentum", self.client_momentum, "[0, 1)")
+        _check(0 <= self.server_momentum < 1, "fl.server_momentum", self.server_momentum, "[0, 1)")
+        _check(0 <= self.server_beta1 < 1, "fl.server_beta1", self.server_beta1, "[0, 1)")
+        _check(0 <= self.server_beta2 < 1, "fl.server_beta2", self.server_beta2, "[0, 1)")
+        _check(self.server_tau > 0, "fl.server_tau", self.server_tau, "> 0")
+        _check(self.prox_mu >= 0, "fl.prox_mu", self.prox_mu, ">= 0")
+        _check(self.client_weight_decay >= 0, "fl.client_weight_decay", self.client_weight_decay,
+               ">= 0")
+        _check(0 < self.target_accuracy <= 1, "fl.target_accuracy", self.target_accuracy,
+               "0 < x <= 1 (a fraction, not a percentage)")
+        _check(self.init == "random" or self.init.endswith(".safetensors"), "fl.init", self.init,
+               "'random' or a path ending in .safetensors")
+
+
+@frozen
+class GenTrainConfig:
+    """Training of the embedded class-conditional generator (public split only)."""
+
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    ema_decay: float = 0.999
+    cond_dropout: float = 0.1
+    block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
+    checkpoint_every: int = 500
+    """Save a resumable training checkpoint every this many steps (0: only when preempted)."""
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "gen.train.steps", self.steps, ">= 1")
+        _check(self.checkpoint_every >= 0, "gen.train.checkpoint_every", self.checkpoint_every,
+               ">= 0")
+        _check(bool(self.block_out_channels) and all(c >= 1 for c in self.block_out_channels),
+               "gen.train.block_out_channels", self.block_out_channels,
+               "a non-empty list of positive ints, e.g. [32, 64]")
+        _check(self.batch_size >= 1, "gen.train.batch_size", self.batch_size, ">= 1")
+        _check(self.lr > 0, "gen.train.lr", self.lr, "> 0")
+        _check(0 <= self.ema_decay < 1, "gen.train.ema_decay", self.ema_decay, "[0, 1)")
+        _check(0 <= self.cond_dropout < 1, "gen.train.cond_dropout", self.cond_dropout, "[0, 1)")
+
+
+@frozen
+class GenConfig:
+    generator: str = "embedded"
+    """'embedded' (train-generator's output in <out>/generator) or a local diffusers directory
+    (or hub id, when online)."""
+    kind: Literal["auto", "class_conditional", "text2image"] = "auto"
+    """auto: model_index.json with a text encoder -> text2image, else class_conditional."""
+    prompt_mode: Literal["class_prompt", "multi_domain"] = "class_prompt"
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {label}"])
+    domains: list[str] = field(default_factory=lambda: [
+        "photo", "drawing", "painting", "sketch", "collage", "poster", "digital art",
+        "3D rendering"])
+    guidance: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    """[lo, hi]: each sample draws its classifier-free guidance scale uniformly in this range
+    (the paper's 'ucg' mode is [1, 5]); [g, g] for a fixed scale; 1.0 disables guidance."""
+    expand_prompts: str | None = None
+    """Local transformers text-generation model directory used to expand prompts (off: None)."""
+    volume: float = 3.0
+    """Synthetic set size as a multiple of the real private training-set size (1x/2x/3x)."""
+    count: int | None = None
+    """Absolute number of synthetic samples; overrides volume."""
+    steps: int = 25
+    scheduler: Literal["default", "ddim", "dpm"] = "ddim"
+    batch_size: int = 256
+    resolution: int | None = None
+    """Images are resized to this; None = the task's resolution."""
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    """auto: fp16 on GPU, fp32 on CPU."""
+    compile: bool = False
+    channels_last: bool = True
+    micro_batch: int | None = None
+    """Samples per generator call. The sample indices are cut into aligned blocks of this size
+    and every call has exactly this shape (the last block is padded), so a sample's arithmetic
+    does not depend on batch_size or the process count: byte-identical sets on CPU. None: 64 on
+    CPU, batch_size on GPU. batch_size is rounded up to a multiple of it."""
+    train: GenTrainConfig = field(default_factory=GenTrainConfig)
+
+    def __post_init__(self) -> None:
+        _check(len(self.guidance) == 2 and 0 < self.guidance[0] <= self.guidance[1],
+               "gen.guidance", self.guidance, "[lo, hi] with 0 < lo <= hi")
+        _check(self.volume > 0, "gen.volume", self.volume, "> 0")
+        _check(self.count is None or self.count >= 1, "gen.count", self.count, ">= 1 or null")
+        _check(self.steps >= 1, "gen.steps", self.steps, ">= 1")
+        _check(self.batch_size >= 1, "gen.batch_size", self.batch_size, ">= 1")
+        _check(bool(self.templates) and all("{label}" in t for t in self.templates),
+               "gen.templates", self.templates, "a non-empty list of strings containing {label}")
+        _check(self.prompt_mode == "multi_domain" or not any("{domain}" in t
+                                                             for t in self.templates),
+               "gen.templates", self.templates,
+               "{domain} placeholders only with gen.prompt_mode=multi_domain")
+        _check(self.prompt_mode != "multi_domain" or bool(self.domains), "gen.domains",
+               self.domains, "a non-empty list of strings with gen.prompt_mode=multi_domain")
+        _check(self.micro_batch is None or self.micro_batch >= 1, "gen.micro_batch",
+               self.micro_batch, ">= 1 or null")
+
+
+@frozen
+class PretrainConfig:
+    """Server pretraining on the synthetic set (train/pretrain.py)."""
+
+    epochs: int = 20
+    batch_size: int = 128
+    """Global batch: split evenly over the processes (must be a multiple of their count)."""
+    lr: float = 1e-3
+    """Base learning rate (peak of the cosine schedule)."""
+    optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
+    """sgd (with `momentum`), adam (L2 weight decay) or adamw (decoupled weight decay)."""
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    """sgd only."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """cosine: lr decays from `lr` to 0 over all optimiser steps; constant: `lr` throughout."""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """auto: bf16 on GPU, no on CPU."""
+    num_processes: int = 1
+    """Processes for accelerate DDP (GPUs on a node; CPU processes for tests)."""
+    channels_last: bool = True
+    """GPU only: train in channels_last memory format (faster convolutions); ignored on CPU."""
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "num_processes"):
+            _check(getattr(self, key) >= 1, f"pretrain.{key}", getattr(self, key), ">= 1")
+        _check(self.lr > 0, "pretrain.lr", self.lr, "> 0")
+        _check(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, ">= 0")
+        _check(0 <= self.momentum < 1, "pretrain.momentum", self.momentum, "[0, 1)")
+        _check(self.batch_size % self.num_processes == 0, "pretrain.batch_size",
+               self.batch_size, f"a multiple of pretrain.num_processes ({self.num_processes})")
+
+
+@frozen
+class SlurmConfig:
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    time: str = "01:00:00"
+    nodes: int = 1
+    tasks_per_node: int = 4
+    cpus_per_task: int = 1
+    gpus_per_node: int = 0
+    mem: str | None = None
+    mpi: str = "pmix"
+    """srun --mpi type (pmix, pmi2, ...); must match the MPI library mpi4py loads."""
+    signal_seconds: int = 120
+    """Slurm sends SIGUSR1 this many seconds before the time limit (--signal=USR1@N)."""
+    requeue: bool = True
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before the job (module loads, venv activation)."""
+
+    def __post_init__(self) -> None:
+        for key in ("nodes", "tasks_per_node", "cpus_per_task"):
+            _check(getattr(self, key) >= 1, f"slurm.{key}", getattr(self, key), ">= 1")
+        _check(self.gpus_per_node >= 0, "slurm.gpus_per_node", self.gpus_per_node, ">= 0")
+        _check(self.signal_seconds >= 0, "slurm.signal_seconds", self.signal_seconds, ">= 0")
+
+
+@frozen
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fl: FLConfig = field(default_factory=FLConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key}: invalid value {value!r}; valid: {valid}")
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ConfigError(f"config key {key}: invalid value {value!r}; valid: "
+                          + ", ".join(str(a) for a in get_args(tp)))
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+        return [_convert(v, get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key}: expected a mapping of "
+                              f"{', '.join(f.name for f in dataclasses.fields(tp))}, got {value!r}")
+        return _build(tp, value, key + ".")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: Any, raw: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in raw:
+        if k not in names:
+            where = prefix[:-1] or "top level"
+            raise ConfigError(f"config key {prefix}{k}: unknown key in {where}; valid: "
+                              + ", ".join(names))
+    kwargs = {k: _convert(v, hints[k], prefix + k) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars/lists) to a raw dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, "
+                              "e.g. fl.rounds=50")
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(text)
+    return raw
+
+
+def load_raw(path: str | os.PathLike | None) -> dict:
+    import yaml
+
+    if path is None:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config file {path}:{where} is not valid YAML") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: top level must be a mapping of sections "
+                          + ", ".join(f.name for f in dataclasses.fields(Config)))
+    return raw
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple = ()) -> Config:
+    """Read, override and validate a config. Raises ConfigError (one line) on any problem."""
+    raw = apply_overrides(load_raw(path), list(overrides))
+    cfg = _build(Config, raw)
+    _cross_checks(cfg)
+    return cfg
+
+
+def _cross_checks(cfg: Config) -> None:
+    fl, data = cfg.fl, cfg.data
+    _check(fl.clients_per_round <= data.num_clients, "fl.clients_per_round",
+           fl.clients_per_round, f"<= data.num_clients ({data.num_clients})")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain dict (JSON/YAML-safe) of a config tree."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def replace(section: Any, **changes: Any) -> Any:
+    """dataclasses.replace that re-runs validation."""
+    return dataclasses.replace(section, **changes)

@@ -1,0 +1,172 @@
+"""``gptfl-hpc prepare``: source -> partition -> per-client HDF5 shards + test/public + manifest.
+
+Layout of the data directory::
+
+    DIR/clients/client_00000.h5 ...   one shard per client (only that client's rank opens it)
+    DIR/test.h5                       the test split (client_id -1)
+    DIR/public.h5                     the generator's public split (digits only)
+    DIR/manifest.json                 written last: its presence marks a complete dataset
+
+Running it again with the same data config and seed is a no-op; with a different one it refuses
+to overwrite (use a new --out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gptfl_hpc.config import DataConfig
+from gptfl_hpc.data.manifest import FORMAT_VERSION, MANIFEST_NAME, ClientEntry, Manifest, SplitEntry
+from gptfl_hpc.data.partition import partition
+from gptfl_hpc.data.shards import write_shard
+from gptfl_hpc.data.sources import Source, load_source
+from gptfl_hpc.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+CLIENT_DIR = "clients"
+CLIENT_PATTERN = re.compile(r"^client_\d{5,}\.h5$")
+
+
+def client_file(cid: int) -> str:
+    """Relative path of a client's shard inside the data directory."""
+    return f"{CLIENT_DIR}/client_{cid:05d}.h5"
+
+
+def content_config(cfg: DataConfig, seed: int) -> dict[str, Any]:
+    """The DataConfig fields that change the prepared content (plus seed and format)."""
+    d: dict[str, Any] = {"format_version": FORMAT_VERSION, "seed": int(seed),
+                         "source": cfg.source, "num_clients": cfg.num_clients,
+                         "partition": cfg.partition, "label_names": cfg.label_names}
+    if cfg.source != "digits":
+        d["root"] = str(Path(cfg.root or "").expanduser().resolve())
+    if cfg.source == "digits":
+        d["public_fraction"] = cfg.public_fraction
+    if cfg.source in ("digits", "arrays"):
+        d["test_size"] = cfg.test_size
+    if cfg.source == "arrays":
+        d["images_key"], d["labels_key"] = cfg.images_key, cfg.labels_key
+    if cfg.partition == "dirichlet":
+        d["alpha"], d["min_client_size"] = cfg.alpha, cfg.min_client_size
+    if cfg.partition == "natural":
+        d["natural_key"] = cfg.natural_key
+    return d
+
+
+def config_hash(cfg: DataConfig, seed: int) -> str:
+    blob = json.dumps(content_config(cfg, seed), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def norm_stats(src: Source) -> tuple[list[float], list[float]]:
+    """The source's fixed constants, else mean/std over the private pool.
+
+    Images: per channel on pixel/255; features: per feature (std 0 becomes 1).
+    """
+    if src.norm_mean is not None and src.norm_std is not None:
+        return list(src.norm_mean), list(src.norm_std)
+    x = src.train_images
+    if src.kind == "image":
+        mean = np.zeros(x.shape[-1])
+        sq = np.zeros(x.shape[-1])
+        step = max(1, (1 << 24) // max(1, x[:1].nbytes))  # bounded float64 temporaries
+        for i in range(0, len(x), step):
+            b = x[i:i + step].astype(np.float64) / 255.0
+            mean += b.sum(axis=(0, 1, 2))
+            sq += (b * b).sum(axis=(0, 1, 2))
+        count = len(x) * x.shape[1] * x.shape[2]
+        m = mean / count
+        s = np.sqrt(np.maximum(sq / count - m * m, 0.0))
+    else:
+        m = x.astype(np.float64).mean(axis=0)
+        s = x.astype(np.float64).std(axis=0)
+    s = np.where(s > 1e-8, s, 1.0)
+    return [round(float(v), 6) for v in m], [round(float(v), 6) for v in s]
+
+
+def _existing(out: Path, digest: str) -> Manifest | None:
+    if not (out / MANIFEST_NAME).exists():
+        return None
+    m = Manifest.load(out)
+    if m.config_hash != digest:
+        raise DataError(f"{out} already holds data prepared from a different data config or seed "
+                        f"(config_hash {m.config_hash[:12]}... != {digest[:12]}...); use a new "
+                        f"--out or delete {out}")
+    return m
+
+
+def prepare_data(cfg: DataConfig, seed: int, out_dir: str | Path) -> Manifest:
+    """Prepare (or find up to date) the shards of ``cfg`` in ``out_dir``; return the manifest."""
+    if out_dir is None:
+        raise ConfigError("prepare: --out DIR is required (where the shards are written)")
+    out = Path(out_dir)
+    if int(seed) < 0:
+        raise ConfigError(f"config key run.seed: invalid value {seed!r}; valid: >= 0")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: exists and is not a directory")
+    digest = config_hash(cfg, seed)
+    found = _existing(out, digest)
+    if found is not None:
+        log.info("data in %s is up to date (%d clients, config_hash %s)", out,
+                 found.num_clients, digest[:12])
+        return found
+
+    # Step 1: load the source and partition it (everything is checked before any write)
+    src = load_source(cfg, seed)
+    parts = partition(src.train_labels, cfg.num_clients, cfg.partition, seed, alpha=cfg.alpha,
+                      min_size=cfg.min_client_size, keys=src.keys)
+    mean, std = norm_stats(src)
+
+    # Step 2: write the shards (each atomically), dropping stale client files of an old attempt
+    client_dir = out / CLIENT_DIR
+    wanted = {Path(client_file(i)).name for i in range(cfg.num_clients)}
+    if client_dir.is_dir():
+        for p in client_dir.iterdir():
+            if CLIENT_PATTERN.match(p.name) and p.name not in wanted:
+                p.unlink()
+    base = {"dataset": src.name, "partition": cfg.partition, "seed": int(seed),
+            "label_names": src.label_names}
+    clients = []
+    for cid, idx in enumerate(parts):
+        rel = client_file(cid)
+        sha = write_shard(out / rel, src.train_images[idx], src.train_labels[idx],
+                          {**base, "client_id": cid, "split": "client"})
+        clients.append(ClientEntry(id=cid, file=rel, num_samples=len(idx), sha256=sha))
+    sha = write_shard(out / "test.h5", src.test_images, src.test_labels,
+                      {**base, "client_id": -1, "split": "test"})
+    test = SplitEntry(file="test.h5", num_samples=len(src.test_labels), sha256=sha)
+    public = None
+    if src.public_images is not None and src.public_labels is not None:
+        sha = write_shard(out / "public.h5", src.public_images, src.public_labels,
+                          {**base, "client_id": -1, "split": "public"})
+        public = SplitEntry(file="public.h5", num_samples=len(src.public_labels), sha256=sha)
+    elif (out / "public.h5").exists():
+        (out / "public.h5").unlink()
+
+    # Step 3: the manifest, last
+    sizes = np.array([len(p) for p in parts])
+    manifest = Manifest(
+        format_version=FORMAT_VERSION, dataset=src.name, kind=src.kind,
+        input_shape=list(src.input_shape), num_classes=src.num_classes,
+        label_names=list(src.label_names), norm_mean=mean, norm_std=std,
+        partition=cfg.partition, alpha=cfg.alpha if cfg.partition == "dirichlet" else None,
+        seed=int(seed), num_clients=cfg.num_clients, clients=clients, test=test, public=public,
+        config_hash=digest, num_train=int(sizes.sum()),
+        min_client_size=cfg.min_client_size if cfg.partition == "dirichlet" else None,
+        extra={"source_root": content_config(cfg, seed).get("root")},
+    )
+    manifest.save(out)
+    log.info("prepared %s in %s: %d clients (%s%s), client sizes min/median/max %d/%d/%d; "
+             "train %d, test %d, public %s", src.name, out, cfg.num_clients, cfg.partition,
+             f" alpha={cfg.alpha}" if cfg.partition == "dirichlet" else "", sizes.min(),
+             int(np.median(sizes)), sizes.max(), sizes.sum(), test.num_samples,
+             public.num_samples if public else "none")
+    return manifest
+

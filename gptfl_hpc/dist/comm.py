@@ -1,0 +1,220 @@
+"""The communication layer: the only module that imports mpi4py.
+
+Everything crosses MPI as a buffer (uppercase mpi4py methods); nothing is pickled. Small control
+messages (a port number, a list of client ids) travel as JSON bytes in a buffer.
+
+``get_comm()`` returns an :class:`MPIComm` when the process was started by an MPI launcher (or
+mpi4py is already initialised, as under ``python -m mpi4py``), otherwise a :class:`LocalComm`
+for one process. Both expose the same small interface, so algorithm code never sees MPI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from gptfl_hpc.errors import CommError
+
+log = logging.getLogger(__name__)
+
+# One collective call per chunk of at most this many elements. 2**30 float32 = 4 GiB, so any
+# model below 4 GiB goes in exactly one call; larger buffers (over the 2 GiB that breaks
+# byte-count pickled messages) are split and still work. Tests lower it to exercise chunking.
+MAX_ELEMENTS = int(os.environ.get("GPTFL_MPI_MAX_ELEMENTS", 2**30))
+WAIT_MODE = os.environ.get("GPTFL_MPI_WAIT", "sleep")
+
+_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
+                  "MV2_COMM_WORLD_SIZE", "HYDRA_CONTROL_FD")
+
+
+class LocalComm:
+    """A world of one process: collectives are no-ops."""
+
+    rank = 0
+    size = 1
+    local_rank = 0
+    local_size = 1
+    is_mpi = False
+    last_wait = 0.0
+    last_xfer = 0.0
+
+    def barrier(self) -> None:
+        pass
+
+    def wait_for_peers(self) -> None:
+        pass
+
+    def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        return buf
+
+    def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
+    def allreduce_max_(self, buf: np.ndarray) -> np.ndarray:
+        return buf
+
+    def bcast_json(self, obj: Any, root: int = 0) -> Any:
+        return json.loads(json.dumps(obj))
+
+    def allgather_json(self, obj: Any) -> list:
+        return [json.loads(json.dumps(obj))]
+
+    def split(self, color: int, key: int = 0) -> LocalComm | None:
+        return self if color >= 0 else None
+
+    def abort(self, code: int = 1) -> None:
+        sys.exit(code)
+
+    def free(self) -> None:
+        pass
+
+
+class MPIComm:
+    """mpi4py communicator wrapper; buffer collectives only."""
+
+    is_mpi = True
+    last_wait = 0.0
+    """Seconds the last allreduce_sum_/bcast_ waited for peers to arrive (load imbalance)."""
+    last_xfer = 0.0
+    """Seconds the last allreduce_sum_/bcast_ spent in the collective itself (communication)."""
+
+    def __init__(self, comm: Any = None) -> None:
+        from mpi4py import MPI
+
+        self._MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = node.Get_rank()
+        self.local_size = node.Get_size()
+        node.Free()
+
+    def barrier(self) -> None:
+        """Barrier that sleeps while waiting (see wait_for_peers)."""
+        self.wait_for_peers()
+
+    def wait_for_peers(self) -> None:
+        """Return once every rank has arrived, sleeping instead of spinning meanwhile.
+
+        MPI implementations busy-poll inside blocking collectives. A rank waiting for the others
+        (the server during client training, clients during evaluation, everyone during a
+        server-only phase) would steal a core from the ranks doing the work, which is ruinous
+        when ranks share cores. An Ibarrier polled with short sleeps costs ~no CPU; the large
+        collective that follows then runs at full speed with everyone present.
+        GPTFL_MPI_WAIT=spin turns this off.
+        """
+        if WAIT_MODE == "spin" or self.size == 1:
+            self.comm.Barrier()
+            return
+        req = self.comm.Ibarrier()
+        delay = 1e-5
+        while not req.Test():
+            time.sleep(delay)
+            delay = min(delay * 2, 2e-3)
+
+    def _chunks(self, buf: np.ndarray):
+        flat = buf.reshape(-1)
+        for start in range(0, max(flat.size, 1), MAX_ELEMENTS):
+            yield flat[start:start + MAX_ELEMENTS]
+
+    def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray:
+        """In-place broadcast of a contiguous numpy buffer from `root`."""
+        assert buf.flags.c_contiguous
+        t0 = time.perf_counter()
+        self.wait_for_peers()
+        t1 = time.perf_counter()
+        for part in self._chunks(buf):
+            self.comm.Bcast(part, root=root)
+        self.last_wait, self.last_xfer = t1 - t0, time.perf_counter() - t1
+        return buf
+
+    def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray:
+        """In-place sum over all ranks (MPI.IN_PLACE); one call below MAX_ELEMENTS."""
+        assert buf.flags.c_contiguous
+        t0 = time.perf_counter()
+        self.wait_for_peers()
+        t1 = time.perf_counter()
+        for part in self._chunks(buf):
+            self.comm.Allreduce(self._MPI.IN_PLACE, part, op=self._MPI.SUM)
+        self.last_wait, self.last_xfer = t1 - t0, time.perf_counter() - t1
+        return buf
+
+    def allreduce_max_(self, buf: np.ndarray) -> np.ndarray:
+        assert buf.flags.c_contiguous
+        self.comm.Allreduce(self._MPI.IN_PLACE, buf, op=self._MPI.MAX)
+        return buf
+
+    def bcast_json(self, obj: Any, root: int = 0) -> Any:
+        """Broadcast a small JSON-able object as bytes in a buffer (never pickled)."""
+        data = json.dumps(obj).encode() if self.rank == root else b""
+        n = np.array([len(data)], dtype=np.int64)
+        self.comm.Bcast(n, root=root)
+        payload = np.frombuffer(data, dtype=np.uint8).copy() if self.rank == root else \
+            np.empty(int(n[0]), dtype=np.uint8)
+        self.comm.Bcast(payload, root=root)
+        return json.loads(payload.tobytes().decode())
+
+    def allgather_json(self, obj: Any) -> list:
+        data = np.frombuffer(json.dumps(obj).encode(), dtype=np.uint8)
+        counts = np.zeros(self.size, dtype=np.int64)
+        counts[self.rank] = data.size
+        self.comm.Allreduce(self._MPI.IN_PLACE, counts, op=self._MPI.SUM)
+        recv = np.empty(int(counts.sum()), dtype=np.uint8)
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.comm.Allgatherv(data, [recv, counts.tolist(), displs.tolist(), self._MPI.BYTE])
+        return [json.loads(recv[d:d + c].tobytes().decode()) for d, c in zip(displs, counts)]
+
+    def split(self, color: int, key: int = 0) -> MPIComm | None:
+        """Sub-communicator of the ranks passing the same color; color < 0 -> None."""
+        MPI = self._MPI
+        sub = self.comm.Split(color if color >= 0 else MPI.UNDEFINED, key)
+        return MPIComm(sub) if sub != MPI.COMM_NULL else None
+
+    def abort(self, code: int = 1) -> None:
+        logging.shutdown()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+    def free(self) -> None:
+        if self.comm not in (self._MPI.COMM_WORLD, self._MPI.COMM_SELF):
+            self.comm.Free()
+
+
+def launched_by_mpi() -> bool:
+    return any(v in os.environ for v in _LAUNCHER_VARS) or "mpi4py.MPI" in sys.modules
+
+
+_WORLD: LocalComm | MPIComm | None = None
+
+
+def get_comm() -> LocalComm | MPIComm:
+    """The world communicator (cached). MPI only when launched by an MPI launcher."""
+    global _WORLD
+    if _WORLD is None:
+        _WORLD = MPIComm() if launched_by_mpi() else LocalComm()
+        check_slurm_world(_WORLD.size)
+    return _WORLD
+
+
+def check_slurm_world(size: int) -> None:
+    """Refuse to run when the MPI world does not match the Slurm step.
+
+    ``srun`` without (or with the wrong) ``--mpi`` type starts N independent singletons that
+    would each run the whole job. Set GPTFL_ALLOW_NTASKS_MISMATCH=1 to run deliberately with
+    fewer ranks than tasks (e.g. one process inside a multi-task allocation).
+    """
+    ntasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SLURM_STEP_NUM_TASKS")
+    if not ntasks or not ntasks.isdigit() or os.environ.get("GPTFL_ALLOW_NTASKS_MISMATCH") == "1":
+        return
+    if int(ntasks) != size:
+        raise CommError(
+            f"MPI world size {size} != SLURM_NTASKS {ntasks}: the ranks do not form one MPI "
+            "world (srun needs --mpi=pmix|pmi2 matching your MPI, or use mpiexec); set "
+            "GPTFL_ALLOW_NTASKS_MISMATCH=1 to override")

@@ -1,0 +1,55 @@
+"""One client's local training: a pure function of (global weights, client data, seed, round).
+
+Nothing here depends on which rank trains the client, so 1 process and N ranks compute the same
+updates (up to float summation order in the cross-rank sum).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from gptfl_hpc.seeding import torch_generator
+
+
+def make_optimizer(fl_cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if fl_cfg.client_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=fl_cfg.client_lr, momentum=fl_cfg.client_momentum,
+                               weight_decay=fl_cfg.client_weight_decay)
+    cls = torch.optim.Adam if fl_cfg.client_optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=fl_cfg.client_lr, weight_decay=fl_cfg.client_weight_decay)
+
+
+def train_client(model: torch.nn.Module, params: list[torch.Tensor], global_params: torch.Tensor,
+                 images: torch.Tensor, labels: torch.Tensor, transform, fl_cfg, *, seed: int,
+                 client_id: int, round_: int) -> float:
+    """Train `model` in place on one client's data; return the mean training loss.
+
+    `params` are the model's parameters (views into its flat buffer) and `global_params` the
+    flat parameter part of the round's global model (for FedProx's proximal term).
+    """
+    g = torch_generator(seed, "client-train", client_id, round_)
+    opt = make_optimizer(fl_cfg, params)
+    n = len(labels)
+    bs = fl_cfg.batch_size
+    mu = fl_cfg.prox_mu if fl_cfg.algorithm == "fedprox" else 0.0
+    model.train()
+    total, count = 0.0, 0
+    for _ in range(fl_cfg.local_epochs):
+        perm = torch.randperm(n, generator=g)
+        for start in range(0, n, bs):
+            idx = perm[start:start + bs]
+            if len(idx) < 2 < n:  # a lone sample breaks BatchNorm and adds only noise
+                continue
+            x = transform(images[idx], g)
+            y = labels[idx]
+            loss = F.cross_entropy(model(x), y)
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+            if mu > 0:
+                flat = torch.cat([p.reshape(-1) for p in params])
+                loss = loss + 0.5 * mu * torch.sum((flat - global_params) ** 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return total / max(count, 1)

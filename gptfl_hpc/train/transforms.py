@@ -1,0 +1,56 @@
+"""The one input pipeline used by BOTH server pretraining and FL client training.
+
+The reference code normalised synthetic pretraining with ImageNet statistics and FL fine-tuning
+with CIFAR statistics (+ Cutout); here both phases call :class:`ImageTransform` built from the
+dataset manifest, so the pretrained model sees exactly the input distribution FL feeds it.
+
+Batched and device-agnostic: uint8 NHWC in, normalised float NCHW out, augmentation drawn from an
+explicit ``torch.Generator`` (deterministic, independent of batch composition order).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ImageTransform:
+    """uint8 (B,H,W,C) -> float32 (B,C,H,W), normalised; optional random shift (+ flip).
+
+    Augmentation: random translation by up to ``pad`` pixels (zero padding, i.e. a random crop of
+    the padded image); horizontal flips only for natural images (H >= 32), never for digits.
+    """
+
+    def __init__(self, mean: list[float], std: list[float], input_shape: list[int] | tuple,
+                 augment: bool) -> None:
+        h, w, c = (int(s) for s in input_shape)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        if self.mean.numel() not in (1, c):
+            raise ValueError(f"normalisation mean has {self.mean.numel()} values for {c} channels")
+        self.augment = augment
+        self.pad = 4 if h >= 32 else 1
+        self.flip = h >= 32
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
+                 ) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        if self.augment:
+            x = self._augment(x, generator)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return (x - mean) / std
+
+    def _augment(self, x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+        b, _, h, w = x.shape
+        p = self.pad
+        # offsets drawn on the CPU generator (device independent), then moved
+        dy = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
+        dx = torch.randint(0, 2 * p + 1, (b,), generator=g).to(x.device)
+        flip = (torch.rand(b, generator=g) < 0.5).to(x.device) if self.flip else None
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B,H,1)
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B,1,W)
+        bidx = torch.arange(b, device=x.device)[:, None, None]
+        out = padded.permute(0, 2, 3, 1)[bidx, rows, cols].permute(0, 3, 1, 2)
+        if flip is not None:
+            out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+        return out.contiguous()

@@ -1,0 +1,120 @@
+"""FL maths against plain numpy references; flat-buffer aliasing; sampling and placement."""
+
+import numpy as np
+import pytest
+import torch
+
+from gptfl_hpc.config import ModelConfig
+from gptfl_hpc.fl.fedavg import ServerOptimizer, gradient_diversity, weighted_mean
+from gptfl_hpc.fl.params import FlatModel
+from gptfl_hpc.fl.schedule import place_clients, rounds_to_target, sample_clients
+from gptfl_hpc.train.models import build_model
+
+
+def np_server(alg, w, deltas, lr=0.1, mom=0.9, b1=0.9, b2=0.99, tau=1e-3):
+    """Reference implementation (Reddi et al. 2021, Alg. 2) in float64 numpy."""
+    m = np.zeros_like(w)
+    v = np.full_like(w, tau * tau)
+    for d in deltas:
+        if alg in ("fedavg", "fedprox"):
+            w = w + lr * d
+        elif alg == "fedavgm":
+            m = mom * m + d
+            w = w + lr * m
+        else:
+            m = b1 * m + (1 - b1) * d
+            if alg == "fedadagrad":
+                v = v + d * d
+            elif alg == "fedadam":
+                v = b2 * v + (1 - b2) * d * d
+            else:
+                v = v - (1 - b2) * d * d * np.sign(v - d * d)
+            w = w + lr * m / (np.sqrt(v) + tau)
+    return w
+
+
+@pytest.mark.parametrize("alg", ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi",
+                                 "fedadagrad"])
+def test_server_optimizers_match_numpy(alg):
+    rng = np.random.default_rng(0)
+    w0 = rng.normal(size=50)
+    deltas = [rng.normal(scale=0.1, size=50) for _ in range(5)]
+    opt = ServerOptimizer(alg, 50, lr=0.1, momentum=0.9, beta1=0.9, beta2=0.99, tau=1e-3)
+    w = torch.tensor(w0, dtype=torch.float32)
+    for d in deltas:
+        opt.step(w, torch.tensor(d, dtype=torch.float32))
+    np.testing.assert_allclose(w.numpy(), np_server(alg, w0, deltas), rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_fedavg_is_sample_weighted_not_uniform():
+    rng = np.random.default_rng(1)
+    updates = [rng.normal(size=20) for _ in range(3)]
+    n = [10, 100, 1]
+    acc = sum(nk * u for nk, u in zip(n, updates))
+    got = weighted_mean(torch.tensor(acc), float(sum(n))).numpy()
+    ref = np.average(np.stack(updates), axis=0, weights=n)
+    np.testing.assert_allclose(got, ref, rtol=1e-12)
+    assert not np.allclose(got, np.mean(updates, axis=0))
+    with pytest.raises(ValueError):
+        weighted_mean(torch.tensor(acc), 0.0)
+
+
+def test_gradient_diversity():
+    u = np.ones(4)
+    # K identical updates: sum ||u||^2 / ||K u||^2 = 1/K
+    assert gradient_diversity(3 * u @ u, (3 * u) @ (3 * u)) == pytest.approx(1 / 3)
+    # orthogonal updates: ratio 1
+    assert gradient_diversity(2.0, 2.0) == 1.0
+
+
+@pytest.mark.parametrize("name,shape", [("digits_cnn", (8, 8, 1)), ("resnet20", (32, 32, 3))])
+def test_flat_model_views_alias_the_buffer(name, shape):
+    model = build_model(ModelConfig(name=name), shape, 10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flat = FlatModel(model)
+    after = model.state_dict()
+    for k in before:  # values preserved
+        assert torch.equal(before[k], after[k]), k
+    assert flat.check_views()
+    # writing the buffer changes the model: zero copies per round
+    flat.numpy()[:] = 0.5
+    assert all(bool((p == 0.5).all()) for p in model.parameters())
+    bn = [b for n, b in model.named_buffers() if n.endswith("running_mean")]
+    if name == "resnet20":
+        assert bn and all(bool((b == 0.5).all()) for b in bn)
+        # integer counters are NOT in the float buffer
+        counters = [n for n, b in model.named_buffers() if not b.is_floating_point()]
+        assert counters and all(n not in flat.names for n in counters)
+        assert flat.numel == sum(p.numel() for p in model.parameters()) + sum(
+            b.numel() for b in model.buffers() if b.is_floating_point())
+    # optimiser steps keep the aliasing
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    h, w, c = shape
+    model(torch.randn(2, c, h, w)).sum().backward()
+    opt.step()
+    assert flat.check_views()
+
+
+def test_sampling_without_replacement_and_deterministic():
+    for r in range(1, 50):
+        s = sample_clients(7, r, 100, 10)
+        assert len(set(s)) == 10 and all(0 <= c < 100 for c in s)
+        assert s == sample_clients(7, r, 100, 10)
+    assert sample_clients(7, 1, 100, 10) != sample_clients(8, 1, 100, 10)
+    assert sample_clients(7, 1, 100, 10) != sample_clients(7, 2, 100, 10)
+    with pytest.raises(ValueError):
+        sample_clients(0, 1, 5, 6)
+
+
+def test_placement_balances_expected_work():
+    sizes = [35, 473, 2173, 100, 900, 50, 800, 1200, 60, 400]
+    owner = place_clients(sizes, [1, 2, 3])
+    assert sorted(owner) == list(range(10)) and set(owner.values()) == {1, 2, 3}
+    loads = [sum(s for c, s in enumerate(sizes) if owner[c] == w) for w in (1, 2, 3)]
+    assert max(loads) - min(loads) <= max(sizes)
+    assert owner == place_clients(sizes, [1, 2, 3])
+
+
+def test_rounds_to_target():
+    assert rounds_to_target([(1, 0.2), (2, None), (3, 0.91), (4, 0.95)], 0.9) == 3
+    assert rounds_to_target([(1, 0.2)], 0.9) is None
