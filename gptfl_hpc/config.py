@@ -38,9 +38,13 @@ class RunConfig:
     """Where the server (rank 0) synthesises and pretrains. FL clients use the same rule."""
     methods: list[str] = field(default_factory=lambda: ["gptfl", "fedavg", "synthetic_only"])
     """Methods that ``gptfl-hpc run`` compares (subset of gptfl, fedavg, synthetic_only)."""
+    server_processes: int = 0
+    """Ranks that synthesise and pretrain (accelerate/DDP). 0 = one per visible GPU on the
+    node (1 on CPU). The other ranks wait (sleeping) until the FL stage."""
 
     def __post_init__(self) -> None:
         _check(self.threads >= 0, "run.threads", self.threads, ">= 0")
+        _check(self.server_processes >= 0, "run.server_processes", self.server_processes, ">= 0")
         bad = [m for m in self.methods if m not in ("gptfl", "fedavg", "synthetic_only")]
         _check(not bad and self.methods, "run.methods", self.methods,
                "a non-empty list of: gptfl, fedavg, synthetic_only")
@@ -133,6 +137,11 @@ class FLConfig:
     keep_checkpoints: int = 2
     target_accuracy: float = 0.9
     """summary.json reports the first round whose test accuracy reaches this."""
+    sync: Literal["replicated", "bcast"] = "replicated"
+    """replicated: every rank applies the (deterministic) server step to the Allreduce result,
+    so a round exchanges exactly ONE collective; rank 0 re-broadcasts its weights at every
+    checkpoint as a guard against drift. bcast: only rank 0 steps and Bcasts the new weights
+    each round (one more collective; use it on heterogeneous nodes)."""
 
     def __post_init__(self) -> None:
         for key in ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every",
@@ -242,7 +251,8 @@ class PretrainConfig:
 
     epochs: int = 20
     batch_size: int = 128
-    """Global batch: split evenly over the processes (must be a multiple of their count)."""
+    """Global batch, the same at any process count: split over the processes as evenly as
+    possible (a count that does not divide it is fine; the loss is weighted to match)."""
     lr: float = 1e-3
     """Base learning rate (peak of the cosine schedule)."""
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"
@@ -265,35 +275,69 @@ class PretrainConfig:
         _check(self.lr > 0, "pretrain.lr", self.lr, "> 0")
         _check(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.momentum < 1, "pretrain.momentum", self.momentum, "[0, 1)")
-        _check(self.batch_size % self.num_processes == 0, "pretrain.batch_size",
-               self.batch_size, f"a multiple of pretrain.num_processes ({self.num_processes})")
+        _check(self.batch_size >= self.num_processes, "pretrain.batch_size", self.batch_size,
+               f">= pretrain.num_processes ({self.num_processes})")
 
 
 @frozen
 class SlurmConfig:
+    """Slurm job shape and launch (gptfl_hpc/launch: render-slurm, submit, scale)."""
+
     partition: str | None = None
+    """sbatch --partition; None: the cluster's default partition."""
     account: str | None = None
     qos: str | None = None
     time: str = "01:00:00"
+    """Wall-time limit in a Slurm format: M, M:S, H:M:S, D-H, D-H:M or D-H:M:S."""
     nodes: int = 1
     tasks_per_node: int = 4
+    """MPI ranks per node (one FL rank per Slurm task; rank 0 is the server)."""
     cpus_per_task: int = 1
     gpus_per_node: int = 0
+    gpus_per_task: int = 0
+    """srun --gpus-per-task (0: no per-task binding; ranks pick a GPU by node-local rank)."""
     mem: str | None = None
+    """sbatch --mem, e.g. 32G; None: the cluster's default."""
     mpi: str = "pmix"
-    """srun --mpi type (pmix, pmi2, ...); must match the MPI library mpi4py loads."""
+    """srun --mpi type (pmix, pmi2, ...); must match the MPI library mpi4py loads. 'default'
+    passes no --mpi (the cluster's MpiDefault or $SLURM_MPI_TYPE)."""
+    launcher: Literal["srun", "mpiexec"] = "srun"
+    """How a batch script starts the ranks: srun (direct launch, needs `mpi`) or the MPI
+    library's own mpiexec inside the allocation."""
+    python: str = "python"
+    """Python interpreter the job runs (GPTFL_PYTHON in the scripts)."""
     signal_seconds: int = 120
-    """Slurm sends SIGUSR1 this many seconds before the time limit (--signal=USR1@N)."""
+    """Slurm sends SIGUSR1 this many seconds before the time limit (--signal=B:USR1@N)."""
     requeue: bool = True
+    """On the warning signal (or exit code 124) the job saves, requeues itself and resumes."""
+    max_restarts: int = 20
+    """Stop requeueing once SLURM_RESTART_COUNT reaches this (guards against a loop)."""
     setup: list[str] = field(default_factory=list)
     """Shell lines run before the job (module loads, venv activation)."""
+    extra: list[str] = field(default_factory=list)
+    """More sbatch options written as #SBATCH lines, e.g. ['--constraint=a100', '--exclusive']."""
 
     def __post_init__(self) -> None:
+        import re
+
         for key in ("nodes", "tasks_per_node", "cpus_per_task"):
             _check(getattr(self, key) >= 1, f"slurm.{key}", getattr(self, key), ">= 1")
-        _check(self.gpus_per_node >= 0, "slurm.gpus_per_node", self.gpus_per_node, ">= 0")
-        _check(self.signal_seconds >= 0, "slurm.signal_seconds", self.signal_seconds, ">= 0")
-
+        for key in ("gpus_per_node", "gpus_per_task", "signal_seconds", "max_restarts"):
+            _check(getattr(self, key) >= 0, f"slurm.{key}", getattr(self, key), ">= 0")
+        _check(re.fullmatch(r"(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})", self.time) is not None,
+               "slurm.time", self.time, "M, M:S, H:M:S, D-H, D-H:M or D-H:M:S")
+        _check(self.launcher in ("srun", "mpiexec"), "slurm.launcher", self.launcher,
+               "srun, mpiexec")
+        _check(re.fullmatch(r"pmix(_v\d+)?|pmi2|cray_shasta|none|default", self.mpi)
+               is not None, "slurm.mpi", self.mpi,
+               "pmix, pmix_vN, pmi2, cray_shasta, none, default")
+        _check(self.gpus_per_node == 0 or self.gpus_per_task * self.tasks_per_node
+               <= self.gpus_per_node, "slurm.gpus_per_task", self.gpus_per_task,
+               f"<= gpus_per_node / tasks_per_node ({self.gpus_per_node}/{self.tasks_per_node})")
+        _check(bool(self.python.strip()), "slurm.python", self.python, "a non-empty command")
+        for opt in self.extra:
+            _check(re.fullmatch(r"--[a-z][a-z0-9-]*(=\S.*)?", opt) is not None, "slurm.extra",
+                   opt, "long sbatch options such as --constraint=a100 or --exclusive")
 
 @frozen
 class Config:

@@ -51,6 +51,10 @@ def test_one_vs_three_ranks_same_weights_and_outputs(data_dir, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
+    # the replicated server step (default) and the rank-0 step + Bcast agree bit for bit
+    federate(tmp_path / "bcast", data_dir, "fl.sync=bcast", n=3)
+    c = weights(tmp_path / "bcast")
+    assert all(torch.equal(b[k], c[k]) for k in b)
     # outputs and their fields
     out = tmp_path / "three"
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -57,6 +57,7 @@ def config_fingerprint(cfg) -> str:
     relevant["fl"].pop("rounds")  # extending a run is a valid resume
     relevant["fl"].pop("checkpoint_every")
     relevant["fl"].pop("keep_checkpoints")
+    relevant["fl"].pop("sync")
     return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -218,6 +219,10 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
     fault_nan = {int(x) for x in os.environ.get("GPTFL_FAULT_NAN_CLIENT", "").split(",") if x}
     fault_rank = os.environ.get("GPTFL_FAULT_RAISE_RANK")
     global_params = global_model.param_flat
+    replicated = fl.sync == "replicated" and comm.size > 1
+    if replicated:  # every rank steps the server optimiser: start from rank 0's state
+        for t in server_opt.state.values():
+            comm.bcast_(t.numpy())
 
     summary = None
     for rnd in range(start_round, fl.rounds + 1):
@@ -254,20 +259,27 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
         comm.allreduce_sum_(acc_np)
         t2 = time.perf_counter()
         wait_reduce, xfer_reduce = comm.last_wait, comm.last_xfer
-        # Step 4: server step, then broadcast of the global weights (views: no copy)
+        # Step 4: server step (rank 0, or every rank when replicated), then the weights
+        # reach every rank: replicated ranks already hold them; otherwise one Bcast into the
+        # flat buffer the parameters are views of (no copy)
         stats = acc[n_model:].tolist()
         weight = stats[S_WEIGHT]
-        if is_server:
+        sum_sq = 0.0
+        if replicated or is_server:
             if weight > 0:
                 delta = acc[:n_model].div_(weight)
                 sum_sq = float((delta[:n_params] * weight).pow(2).sum())
                 server_opt.step(global_model.flat, delta)
-            else:
-                sum_sq = 0.0
+            elif is_server:
                 log.warning("round %d: no usable client update (all dropped); model unchanged",
                             rnd)
         t3 = time.perf_counter()
-        comm.bcast_(global_model.numpy())
+        resync = replicated and (rnd % fl.checkpoint_every == 0 or rnd == fl.rounds)
+        if not replicated or resync:
+            comm.bcast_(global_model.numpy())
+            t_bcast = comm.last_xfer
+        else:
+            t_bcast = 0.0
         t4 = time.perf_counter()
         if not is_server:
             if stats[S_STOP] > 0:
@@ -285,7 +297,7 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
             "train_loss": stats[S_LOSS] / weight if weight > 0 else None,
             "grad_diversity": gradient_diversity(stats[S_SQNORM], sum_sq) if weight > 0 else None,
             "t_client": t_client,
-            "t_comm": xfer_reduce + comm.last_xfer,
+            "t_comm": xfer_reduce + t_bcast,
             "t_server": t3 - t2,
             "t_server_wait": wait_reduce,
             "t_idle": float(np.mean([t_client - t for t in worker_times])),
