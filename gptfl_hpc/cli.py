@@ -52,10 +52,8 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--synthetic", default=None,
                            help="synthetic HDF5 (default <out>/synthetic.h5)")
         if name in ("submit", "scale", "render-slurm"):
-            try:  # TEMP until launch lands
-                from gptfl_hpc.launch.cli_args import add_launch_args
-            except ModuleNotFoundError:
-                continue
+            from gptfl_hpc.launch.cli_args import add_launch_args
+
             add_launch_args(s, name)
     return p
 

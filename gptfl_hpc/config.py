@@ -116,6 +116,9 @@ class FLConfig:
     batch_size: int = 32
     client_optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     client_lr: float = 0.05
+    client_lr_schedule: Literal["constant", "cosine"] = "constant"
+    """cosine: the client lr of round r is client_lr * (1 + cos(pi (r-1) / rounds)) / 2, which
+    damps the round-to-round oscillation of strongly non-IID FL towards the end."""
     client_momentum: float = 0.0
     client_weight_decay: float = 0.0
     prox_mu: float = 0.01
@@ -193,7 +196,7 @@ class GenTrainConfig:
 class GenConfig:
     generator: str = "embedded"
     """'embedded' (train-generator's output in <out>/generator) or a local diffusers directory
-    (or hub id, when online)."""
+    saved with save_pretrained (download hub models beforehand; nothing is fetched at run time)."""
     kind: Literal["auto", "class_conditional", "text2image"] = "auto"
     """auto: model_index.json with a text encoder -> text2image, else class_conditional."""
     prompt_mode: Literal["class_prompt", "multi_domain"] = "class_prompt"
@@ -264,19 +267,15 @@ class PretrainConfig:
     """cosine: lr decays from `lr` to 0 over all optimiser steps; constant: `lr` throughout."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     """auto: bf16 on GPU, no on CPU."""
-    num_processes: int = 1
-    """Processes for accelerate DDP (GPUs on a node; CPU processes for tests)."""
     channels_last: bool = True
     """GPU only: train in channels_last memory format (faster convolutions); ignored on CPU."""
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "batch_size", "num_processes"):
+        for key in ("epochs", "batch_size"):
             _check(getattr(self, key) >= 1, f"pretrain.{key}", getattr(self, key), ">= 1")
         _check(self.lr > 0, "pretrain.lr", self.lr, "> 0")
         _check(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.momentum < 1, "pretrain.momentum", self.momentum, "[0, 1)")
-        _check(self.batch_size >= self.num_processes, "pretrain.batch_size", self.batch_size,
-               f">= pretrain.num_processes ({self.num_processes})")
 
 
 @frozen

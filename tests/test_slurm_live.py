@@ -1,0 +1,254 @@
+"""Live tests against a real Slurm (scripts/slurm-up.sh brings one up on a Debian machine).
+
+They skip, with the reason, only when Slurm cannot be used: no `sinfo` on PATH, or the
+controller does not answer `scontrol ping`. Each test has a hard timeout; jobs are cancelled
+when a test gives up on them. Jobs get this process's environment (sbatch --export=ALL), with
+the venv first on PATH and the Open MPI settings of tests/helpers.py (root, oversubscription, no
+binding: the test node advertises more CPUs than it has).
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO, env, run_cli
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slurm
+
+TINY = "configs/tiny.yaml"
+ROUNDS = 14
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+            "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+
+
+def _unusable() -> str | None:
+    """Why Slurm cannot be used here, or None. scripts/test.sh adds GPTFL_SLURM_SKIP (why it
+    could not install one) to the reason; a working Slurm runs the tests regardless."""
+    why = os.environ.get("GPTFL_SLURM_SKIP")
+    why = f" ({why})" if why else ""
+    if shutil.which("sinfo") is None:
+        return f"no sinfo on PATH: bring up a test Slurm with scripts/slurm-up.sh{why}"
+    try:
+        p = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"scontrol ping failed: {e}{why}"
+    if "UP" not in p.stdout:
+        lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.strip(" *")]
+        return f"scontrol ping: controller not UP ({lines[0] if lines else 'no output'}){why}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def job_env():
+    reason = _unusable()
+    if reason:
+        pytest.skip(reason)
+    venv_bin = str(Path(sys.executable).parent)
+    return env(PATH=f"{venv_bin}:{os.environ['PATH']}")
+
+
+def sbatch(job_env, log: Path, *args: str, **variables: str) -> str:
+    e = dict(job_env, **variables)
+    p = subprocess.run(["sbatch", "--parsable", "-o", str(log), "--time=10", *args],
+                       capture_output=True, text=True, env=e, cwd=REPO, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip().split(";")[0]
+
+
+def job_info(jid: str) -> dict:
+    p = subprocess.run(["scontrol", "-o", "show", "job", jid], capture_output=True, text=True,
+                       timeout=30)
+    return dict(re.findall(r"(\w+)=(\S*)", p.stdout))
+
+
+def wait_job(jid: str, timeout: float, log: Path | None = None) -> dict:
+    """Poll until the job is in a final state on two reads in a row (a requeue passes through)."""
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while time.monotonic() < deadline:
+        info = job_info(jid)
+        seen = seen + 1 if info.get("JobState") in TERMINAL else 0
+        if seen == 2:
+            return info
+        time.sleep(1)
+    subprocess.run(["scancel", jid], timeout=30)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    pytest.fail(f"job {jid} still {info.get('JobState')} after {timeout:.0f}s\n{tail}")
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def rounds_written(out: Path) -> int:
+    m = out / "metrics.jsonl"
+    return len(m.read_text().splitlines()) if m.exists() else 0
+
+
+@pytest.fixture(scope="module")
+def data_dir(job_env, tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurm-data") / "data"
+    run_cli(["prepare", TINY, "--out", d], timeout=120)
+    return d
+
+
+def federate_vars(out: Path, data_dir: Path, **extra: str) -> dict:
+    over = f"data.dir={data_dir} fl.rounds={ROUNDS} fl.checkpoint_every=2"
+    return dict(GPTFL_COMMAND="federate", CONFIG=TINY, OUT=str(out), GPTFL_OVERRIDES=over,
+                **extra)
+
+
+@pytest.fixture(scope="module")
+def reference(job_env, data_dir, tmp_path_factory):
+    """One uninterrupted 3-rank `sbatch slurm/gptfl.sbatch` federate run."""
+    tmp = tmp_path_factory.mktemp("slurm-ref")
+    out, log = tmp / "out", tmp / "job.log"
+    t0 = time.monotonic()
+    jid = sbatch(job_env, log, "-n", "3", "slurm/gptfl.sbatch", **federate_vars(out, data_dir))
+    info = wait_job(jid, 150, log)
+    return out, log, info, time.monotonic() - t0
+
+
+@pytest.mark.timeout(200)
+def test_sbatch_template_runs_federate_on_three_ranks(reference):
+    out, log, info, seconds = reference
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert "run: srun --kill-on-bad-exit=1 --mpi=pmix python -m mpi4py -m gptfl_hpc federate" \
+        in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 3 and summary["rounds"] == ROUNDS
+    assert set(load_file(str(out / "final.safetensors"))) == set(
+        load_file(str(sorted((out / "ckpt").glob("round-*"))[-1] / "model.safetensors")))
+    assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] \
+        == list(range(1, ROUNDS + 1))
+    print(f"sbatch federate {ROUNDS} rounds x 3 ranks: {seconds:.0f}s")
+
+
+@pytest.mark.timeout(300)
+def test_preempted_job_requeues_and_resumes_to_identical_weights(job_env, data_dir, reference,
+                                                                 tmp_path):
+    ref_out = reference[0]
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    t0 = time.monotonic()
+    jid = sbatch(job_env, log, "-n", "3", "slurm/gptfl.sbatch", **federate_vars(out, data_dir))
+    wait_for(lambda: rounds_written(out) >= 3, 120, "3 rounds of metrics")
+    # the time-limit warning: only the batch shell gets it (like --signal=B:USR1@N)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", jid], check=True, timeout=30)
+    info = wait_job(jid, 200, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-4000:]
+    assert int(info["Restarts"]) >= 1, text[-4000:]
+    assert "caught SIGUSR1" in text and f"requeued job {jid}" in text
+    assert re.search(r"run: srun .* --resume\n", text), text[-4000:]
+    assert "resuming from" in text, text[-4000:]  # it continued from a checkpoint
+    a = load_file(str(ref_out / "final.safetensors"))
+    b = load_file(str(out / "final.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [json.loads(x)["round"] for x in (out / "metrics.jsonl").read_text().splitlines()] \
+        == list(range(1, ROUNDS + 1))
+    print(f"preempt -> requeue -> resume: {time.monotonic() - t0:.0f}s")
+
+
+@pytest.mark.timeout(120)
+def test_wrong_mpi_type_fails_on_every_task(job_env, data_dir, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    t0 = time.monotonic()
+    # --mpi=none: every task is an MPI singleton; -K0 lets each task report for itself
+    jid = sbatch(job_env, log, "-n", "3", "slurm/gptfl.sbatch",
+                 **federate_vars(out, data_dir, GPTFL_SRUN_MPI="none",
+                                 GPTFL_SRUN_ARGS="--kill-on-bad-exit=0"))
+    info = wait_job(jid, 90, log)
+    text = log.read_text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", text[-3000:]
+    for rank in range(3):
+        assert f"[gptfl r{rank}] gptfl-hpc federate: error: MPI world size 1 != SLURM_NTASKS 3" \
+            in text, text[-3000:]
+    assert not (out / "metrics.jsonl").exists()
+    print(f"wrong --mpi detected: {time.monotonic() - t0:.0f}s")
+
+
+@pytest.mark.timeout(200)
+def test_submitit_three_rank_job_returns_summary(job_env, data_dir, tmp_path, monkeypatch):
+    from gptfl_hpc.launch import submit
+
+    for k, v in job_env.items():
+        monkeypatch.setenv(k, v)
+    for k in [k for k in os.environ if k not in job_env]:
+        monkeypatch.delenv(k)
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    job = submit(TINY, out, command="federate", cluster="slurm", tasks_per_node=3, time="10",
+                 mpi="pmix", overrides=[f"data.dir={data_dir}", "fl.rounds=2"])
+    assert job.job_id.isdigit()
+    results = job.results()
+    summary = json.loads((out / "summary.json").read_text())
+    assert results == [summary, None, None]
+    assert summary["world_size"] == 3 and summary["rounds"] == 2
+    script = next((out / "submitit").glob("*/*_submission.sh")).read_text()
+    assert "--mpi=pmix" in script and "#SBATCH --ntasks-per-node=3" in script
+    print(f"submitit 3-rank federate: {time.monotonic() - t0:.0f}s")
+
+
+@pytest.mark.timeout(150)
+def test_killed_submitit_job_is_reported_failed_not_hung(job_env, data_dir, tmp_path,
+                                                         monkeypatch):
+    from gptfl_hpc.launch import submit
+    from gptfl_hpc.launch.jobs import JobFailed, rank0_result
+
+    for k, v in job_env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    job = submit(TINY, out, command="federate", cluster="slurm", tasks_per_node=3, time="10",
+                 overrides=[f"data.dir={data_dir}", "fl.rounds=500"])
+    wait_for(lambda: job_info(job.job_id).get("JobState") == "RUNNING", 60, "the job to start")
+    time.sleep(3)
+    subprocess.run(["scancel", job.job_id], check=True, timeout=30)
+    t0 = time.monotonic()
+    with pytest.raises(JobFailed, match=rf"job {job.job_id} failed: .*CANCELLED"):
+        rank0_result(job)
+    assert time.monotonic() - t0 < 90
+    assert not (out / "summary.json").exists()
+    print(f"cancelled job reported failed after {time.monotonic() - t0:.0f}s")
+
+
+@pytest.mark.timeout(300)
+def test_submitit_preemption_checkpoints_requeues_and_resumes(job_env, data_dir, reference,
+                                                              tmp_path, monkeypatch):
+    from gptfl_hpc.launch import submit
+    from gptfl_hpc.launch.jobs import rank0_result
+
+    for k, v in job_env.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    job = submit(TINY, out, command="federate", cluster="slurm", tasks_per_node=3, time="10",
+                 overrides=[f"data.dir={data_dir}", f"fl.rounds={ROUNDS}",
+                            "fl.checkpoint_every=2"])
+    wait_for(lambda: rounds_written(out) >= 3, 120, "3 rounds of metrics")
+    job._interrupt()  # what Slurm does on preemption: SIGTERM, then submitit's USR2
+    summary = rank0_result(job)
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert int(job_info(job.job_id)["Restarts"]) >= 1
+    err = (out / "submitit" / job.job_id / f"{job.job_id}_0_log.err").read_text()
+    assert "resuming from" in err, err[-4000:]
+    a = load_file(str(reference[0] / "final.safetensors"))
+    b = load_file(str(out / "final.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    print(f"submitit preempt -> requeue -> resume: {time.monotonic() - t0:.0f}s")
