@@ -36,7 +36,7 @@ def worker(reps: int) -> None:
 
     from gptfl_hpc.config import ModelConfig
     from gptfl_hpc.dist.comm import get_comm
-    from gptfl_hpc.fl.params import FlatModel
+    from gptfl_hpc.fl.params import FlatModel, host_buffer
     from gptfl_hpc.train.models import build_model
 
     torch.set_num_threads(1)
@@ -49,7 +49,7 @@ def worker(reps: int) -> None:
     plain = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     flat_model = FlatModel(model)
     n = flat_model.numel
-    acc = torch.zeros(n + 7 + size)  # the engine's buffer: delta + statistics slots
+    acc = host_buffer(n + 7 + size)  # the engine's buffer: delta + statistics slots
     acc_np = acc.numpy()
     raw = np.zeros(n, dtype=np.float32)
     copybuf = np.zeros(n, dtype=np.float32)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -43,9 +42,9 @@ def server_threads(comm, requested: int = 0) -> None:
     """Server stages: the waiting ranks sleep, so the server ranks share the node's cores."""
     import torch
 
-    n = max(1, (os.cpu_count() or 1) // max(1, min(comm.local_size,
-                                                   server_count(comm, requested))))
-    torch.set_num_threads(n)
+    from gptfl_hpc.fl.engine import cores_per_rank
+
+    torch.set_num_threads(cores_per_rank(min(comm.local_size, server_count(comm, requested))))
 
 
 def server_count(comm, requested: int = 0) -> int:

@@ -45,7 +45,7 @@ def accuracy_plot(curves: dict, synthetic_only: float | None, path: Path) -> Non
     ax.set_xlabel("FL round")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="center right")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # byte-count pickled messages) are split and still work. Tests lower it to exercise chunking.
 MAX_ELEMENTS = int(os.environ.get("GPTFL_MPI_MAX_ELEMENTS", 2**30))
 WAIT_MODE = os.environ.get("GPTFL_MPI_WAIT", "sleep")
+SPIN_SECONDS = 1e-3
 
 _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
                   "MV2_COMM_WORLD_SIZE", "HYDRA_CONTROL_FD")
@@ -114,7 +115,13 @@ class MPIComm:
             self.comm.Barrier()
             return
         req = self.comm.Ibarrier()
-        delay = 1e-5
+        spin_until = time.perf_counter() + SPIN_SECONDS  # peers usually arrive together:
+        while not req.Test():                              # a short spin avoids a wake-up
+            if time.perf_counter() > spin_until:
+                break
+        else:
+            return
+        delay = 5e-5
         while not req.Test():
             time.sleep(delay)
             delay = min(delay * 2, 2e-3)

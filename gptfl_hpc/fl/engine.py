@@ -30,7 +30,7 @@ from gptfl_hpc import signals
 from gptfl_hpc.errors import CommError, ConfigError, DataError, ModelError, Preempted
 from gptfl_hpc.fl.client import train_client
 from gptfl_hpc.fl.fedavg import ServerOptimizer, gradient_diversity
-from gptfl_hpc.fl.params import FlatModel
+from gptfl_hpc.fl.params import FlatModel, host_buffer
 from gptfl_hpc.fl.schedule import imbalance, place_clients, rounds_to_target, sample_clients
 from gptfl_hpc.fsio import load_safetensors, save_safetensors, write_json, write_text
 from gptfl_hpc.log import JsonlWriter
@@ -42,9 +42,19 @@ log = logging.getLogger(__name__)
 S_WEIGHT, S_SQNORM, S_LOSS, S_OK, S_DROPPED, S_STOP, S_RANKTIME = range(7)
 
 
+def cores_per_rank(ranks_on_node: int) -> int:
+    """Cores this process may use: its CPU affinity (Slurm/MPI binding) or a fair share."""
+    try:
+        mine = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        mine = os.cpu_count() or 1
+    if mine >= (os.cpu_count() or 1):  # unbound: share the node with the other ranks
+        mine //= max(ranks_on_node, 1)
+    return max(1, mine)
+
+
 def setup_threads(run_cfg, comm) -> None:
-    n = run_cfg.threads or max(1, (os.cpu_count() or 1) // max(comm.local_size, 1))
-    torch.set_num_threads(n)
+    torch.set_num_threads(run_cfg.threads or cores_per_rank(comm.local_size))
 
 
 def config_fingerprint(cfg) -> str:
@@ -213,7 +223,7 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
     # ---- buffers --------------------------------------------------------------------------
     n_model = global_model.numel
     n_params = global_model.num_params
-    acc = torch.zeros(n_model + S_RANKTIME + comm.size, dtype=torch.float32)
+    acc = host_buffer(n_model + S_RANKTIME + comm.size)
     acc_np = acc.numpy()
     work_model = FlatModel(build_model(cfg.model, in_shape, manifest.num_classes)) if mine else None
     fault_nan = {int(x) for x in os.environ.get("GPTFL_FAULT_NAN_CLIENT", "").split(",") if x}
@@ -283,6 +293,7 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
         t4 = time.perf_counter()
         if not is_server:
             if stats[S_STOP] > 0:
+                comm.barrier()  # until the server has saved this round's checkpoint
                 raise Preempted(f"stopped after round {rnd} ({signals.reason()}); "
                                 "the server saved a checkpoint")
             continue
@@ -322,6 +333,9 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
                        {"round": rnd, "fingerprint": fingerprint, "history": history,
                         "wall_seconds": record["wall_seconds"], "world_size": comm.size})
         if stop:
+            # non-zero exits end in MPI_Abort (python -m mpi4py): release the workers only
+            # once the checkpoint is on disk
+            comm.barrier()
             raise Preempted(f"stopped after round {rnd} ({signals.reason()}); checkpoint saved "
                             f"in {ckpts.root}; rerun with --resume")
     if is_server:

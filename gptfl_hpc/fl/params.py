@@ -17,6 +17,16 @@ import torch
 from torch import nn
 
 
+def host_buffer(numel: int) -> torch.Tensor:
+    """A zeroed 1-D float32 CPU tensor whose memory numpy allocated.
+
+    numpy backs large arrays with transparent huge pages (madvise) on Linux; torch's CPU
+    allocator does not. MPI's shared-memory copies over a 47 MB buffer measured 10-20 % slower
+    on torch-allocated memory, so every buffer MPI touches is allocated here.
+    """
+    return torch.from_numpy(np.zeros(numel, dtype=np.float32))
+
+
 class FlatModel:
     """Wraps `model` so that its float tensors live in ``self.flat`` (a 1-D float32 tensor)."""
 
@@ -32,7 +42,8 @@ class FlatModel:
         self.num_params = sum(p.numel() for _, p in float_params)
         self.numel = self.num_params + sum(b.numel() for _, b in float_bufs)
         device = next(iter(model.parameters())).device
-        self.flat = torch.zeros(self.numel, dtype=torch.float32, device=device)
+        self.flat = (host_buffer(self.numel) if device.type == "cpu"
+                     else torch.zeros(self.numel, dtype=torch.float32, device=device))
         self.views: dict[str, torch.Tensor] = {}
         offset = 0
         for name, t in float_params + float_bufs:
