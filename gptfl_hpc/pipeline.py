@@ -97,6 +97,9 @@ class _Stage:
 
 # ---- stages (also the single-stage CLI commands) ----------------------------------------
 
+_DONE: dict = {}  # stages already checked in this process (chained stages call each other)
+
+
 def stage_prepare(cfg, out: Path, comm=None):
     from gptfl_hpc.data.manifest import Manifest
     from gptfl_hpc.data.prepare import prepare_data
@@ -104,9 +107,11 @@ def stage_prepare(cfg, out: Path, comm=None):
 
     comm = comm or get_comm()
     d = data_dir_of(cfg, out)
-    with _Stage(out, "prepare", comm, (d / "manifest.json").exists()):
-        on_rank0(comm, lambda: prepare_data(cfg.data, seed=cfg.run.seed, out_dir=d))
-    return Manifest.load(d)
+    if d not in _DONE:
+        with _Stage(out, "prepare", comm, (d / "manifest.json").exists()):
+            on_rank0(comm, lambda: prepare_data(cfg.data, seed=cfg.run.seed, out_dir=d))
+        _DONE[d] = Manifest.load(d)
+    return _DONE[d]
 
 
 def stage_train_generator(cfg, out: Path, comm=None) -> Path:
@@ -122,6 +127,8 @@ def stage_train_generator(cfg, out: Path, comm=None) -> Path:
                           f"split (data.source=digits); {manifest.dataset} has none; valid: a "
                           "local diffusers directory")
     gen_dir = out / "generator"
+    if gen_dir in _DONE:
+        return gen_dir
     done = (gen_dir / "gptfl_generator.json").exists()
 
     def train():
@@ -140,6 +147,7 @@ def stage_train_generator(cfg, out: Path, comm=None) -> Path:
 
     with _Stage(out, "generator", comm, done):
         on_rank0(comm, train)
+    _DONE[gen_dir] = manifest
     return gen_dir
 
 
@@ -230,9 +238,8 @@ def run_pipeline(cfg, out: str | Path) -> dict | None:
     manifest = stage_prepare(cfg, out, comm)
     pre = None
     if "gptfl" in methods or "synthetic_only" in methods:
-        stage_train_generator(cfg, out, comm)
-        stage_synthesize(cfg, out, comm=comm)
-        pre = stage_pretrain(cfg, out, comm=comm)
+        syn = stage_synthesize(cfg, out, comm=comm)
+        pre = stage_pretrain(cfg, out, synthetic=str(syn), comm=comm)
     results = {}
     if "gptfl" in methods:
         results["gptfl"] = stage_federate(cfg, out, "gptfl",

@@ -93,7 +93,8 @@ def missing_generator_message(generator_dir: str | Path) -> str:
 
 
 def resolve_kind(generator_dir: str | Path, kind: str = "auto") -> str:
-    """'text2image' or 'class_conditional' (auto: model_index.json naming a text_encoder)."""
+    """'text2image' or 'class_conditional' (auto: model_index.json naming a text_encoder ->
+    text2image; a DiTPipeline model_index.json or unet/config.json -> class_conditional)."""
     d = Path(generator_dir)
     if not d.is_dir():
         raise ModelError(missing_generator_message(d))
@@ -111,11 +112,33 @@ def resolve_kind(generator_dir: str | Path, kind: str = "auto") -> str:
         te = spec.get("text_encoder")
         if isinstance(te, list) and te and te[0] is not None:
             return "text2image"
+        if is_dit_index(spec):
+            return "class_conditional"
     if (d / "unet" / "config.json").is_file():
         return "class_conditional"
     raise ModelError(f"generator directory {d}: neither a text-to-image pipeline (model_index.json "
-                     "with a text_encoder) nor a class-conditional model (unet/config.json); "
-                     "valid: a save_pretrained directory of either")
+                     "with a text_encoder) nor a class-conditional model (unet/config.json, or a "
+                     "DiTPipeline model_index.json); valid: a save_pretrained directory of either")
+
+
+def is_dit_index(spec: Any) -> bool:
+    """model_index.json of a class-conditional DiT pipeline (DiTPipeline, or a transformer and
+    no text encoder)."""
+    if not isinstance(spec, dict):
+        return False
+    te = spec.get("text_encoder")
+    has_te = isinstance(te, list) and bool(te) and te[0] is not None
+    return spec.get("_class_name") == "DiTPipeline" or ("transformer" in spec and not has_te)
+
+
+def is_dit_dir(generator_dir: str | Path) -> bool:
+    index = Path(generator_dir) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return is_dit_index(json.loads(index.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{index}: not readable JSON ({e})") from None
 
 
 def fingerprint(generator_dir: str | Path) -> str:
@@ -153,8 +176,11 @@ def torch_dtype(name: str) -> Any:
 
 
 def load_sampler(generator_dir: str | Path, *, gen_cfg: Any, out_shape: tuple[int, int, int],
-                 num_classes: int, device: Any, dtype: Any) -> Sampler:
-    """Load the generator in `generator_dir` (offline) as a Sampler for `out_shape` images."""
+                 num_classes: int, device: Any, dtype: Any,
+                 label_names: list[str] | None = None) -> Sampler:
+    """Load the generator in `generator_dir` (offline) as a Sampler for `out_shape` images.
+
+    `label_names` (optional) lets a DiT with an id2label table map task classes by name."""
     kind = resolve_kind(generator_dir, gen_cfg.kind)
     if isinstance(dtype, str):
         dtype = torch_dtype(dtype)
@@ -163,6 +189,12 @@ def load_sampler(generator_dir: str | Path, *, gen_cfg: Any, out_shape: tuple[in
 
         return load_text2image(str(generator_dir), gen_cfg=gen_cfg, out_shape=tuple(out_shape),
                                device=str(device), dtype=dtype)
+    if is_dit_dir(generator_dir):
+        from gptfl_hpc.gen.dit import load_dit
+
+        return load_dit(generator_dir, gen_cfg=gen_cfg, out_shape=tuple(out_shape),
+                        num_classes=num_classes, label_names=label_names, device=device,
+                        dtype=dtype)
     from gptfl_hpc.gen.class_cond import load_class_conditional
 
     return load_class_conditional(generator_dir, gen_cfg=gen_cfg, out_shape=tuple(out_shape),
@@ -190,7 +222,11 @@ def check_inputs(gen_cfg: Any, *, generator_dir: str | Path, label_names: list[s
         raise ConfigError(f"synthesis: label names {list(label_names)!r}; valid: distinct "
                           "non-empty strings, one per class (data.label_names)")
     kind = resolve_kind(generator_dir, gen_cfg.kind)
-    if kind == "class_conditional":
+    if kind == "class_conditional" and is_dit_dir(generator_dir):
+        from gptfl_hpc.gen.dit import check_dit
+
+        check_dit(generator_dir, num_classes=len(label_names), label_names=label_names)
+    elif kind == "class_conditional":
         from gptfl_hpc.gen.class_cond import check_classes, read_unet_config
         from gptfl_hpc.gen.embedded import read_provenance
 
@@ -515,7 +551,7 @@ def synthesize(gen_cfg: Any, *, generator_dir: str | Path, label_names: list[str
             try:
                 sampler = load_sampler(generator_dir, gen_cfg=gen_cfg, out_shape=out_shape,
                                        num_classes=len(label_names), device=acc.device,
-                                       dtype=dtype)
+                                       dtype=dtype, label_names=label_names)
             except Exception as e:  # agree below, so no process hangs in a collective
                 err = e
             _agree(comm, 0, err)

@@ -1,0 +1,180 @@
+"""Class-conditional DiT generators (DiTPipeline): kind detection, sampler contract, class-id
+mapping by label name, agreement with DiTPipeline.__call__, and synthesis end to end. Tiny random
+pipelines built offline and loaded through DiTPipeline.from_pretrained(local_files_only=True)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from synth_driver import gen_config
+
+from gptfl_hpc.dist.comm import LocalComm
+from gptfl_hpc.errors import ModelError
+from gptfl_hpc.gen.dit import DiTSampler, check_dit, load_dit
+from gptfl_hpc.gen.synthesize import load_sampler, resolve_kind, synthesize
+
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def build_tiny_dit(path: Path, *, num_classes: int = 10, id2label: dict | None = None,
+                   seed: int = 0) -> Path:
+    """Random DiT (latent 4x4x4, patch 2, 1 layer) + VAE (16 px <-> 4x4) + DDIM, saved offline."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = DiTTransformer2DModel(
+            sample_size=4, patch_size=2, in_channels=4, out_channels=8, num_layers=1,
+            num_attention_heads=2, attention_head_dim=8, num_embeds_ada_norm=num_classes,
+            norm_type="ada_norm_zero", norm_num_groups=8)
+        vae = AutoencoderKL(block_out_channels=(16, 32, 32), in_channels=3, out_channels=3,
+                            down_block_types=("DownEncoderBlock2D",) * 3,
+                            up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4,
+                            norm_num_groups=8, sample_size=16)
+        with torch.no_grad():  # make the prediction depend clearly on class and input
+            for p in transformer.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(),
+                       id2label=id2label)
+    if id2label is not None:  # save_pretrained keeps only registered config (as on the Hub)
+        pipe.register_to_config(id2label={str(k): v for k, v in id2label.items()})
+    pipe.save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dit_dir(tmp_path_factory) -> Path:
+    return build_tiny_dit(tmp_path_factory.mktemp("dit") / "tiny",
+                          id2label=dict(enumerate(NAMES)))
+
+
+@pytest.fixture(scope="module")
+def sampler(dit_dir) -> DiTSampler:
+    return load_sampler(dit_dir, gen_cfg=gen_config(steps=3), out_shape=(8, 8, 1),
+                        num_classes=10, device="cpu", dtype="fp32")
+
+
+def test_kind_detection(dit_dir, tmp_path):
+    assert resolve_kind(dit_dir) == "class_conditional"
+    assert resolve_kind(dit_dir, "class_conditional") == "class_conditional"
+    idx = json.loads((dit_dir / "model_index.json").read_text())
+    assert idx["_class_name"] == "DiTPipeline"
+    other = tmp_path / "other"  # a transformer and no text encoder also counts as a DiT
+    other.mkdir()
+    (other / "model_index.json").write_text(json.dumps({"_class_name": "X",
+                                                        "transformer": ["diffusers", "Y"]}))
+    assert resolve_kind(other) == "class_conditional"
+    with pytest.raises(ModelError, match="component folder"):
+        check_dit(other, num_classes=2)
+
+
+def test_sampler_contract(dit_dir, sampler):
+    assert isinstance(sampler, DiTSampler) and sampler.kind == "class_conditional"
+    labels = np.array([0, 1, 2, 3], dtype=np.int64)
+    guidance = np.array([1.0, 3.0, 1.0, 2.5], dtype=np.float32)
+    seeds = np.array([10, 11, 12, 13], dtype=np.int64)
+    a = sampler(labels, [""] * 4, guidance, seeds)
+    assert a.shape == (4, 8, 8, 1) and a.dtype == np.uint8
+    assert np.array_equal(a, sampler(labels, [""] * 4, guidance, seeds))  # deterministic
+    b = sampler(labels, [""] * 4, guidance, seeds + 100)
+    assert all(not np.array_equal(a[i], b[i]) for i in range(4))  # other seeds, other images
+    # a row depends on its own label/guidance/seed only, not on its neighbours' guidance
+    c = sampler(labels, [""] * 4, np.array([1.0, 3.0, 4.0, 1.0], np.float32), seeds)
+    assert np.array_equal(a[:2], c[:2]) and not np.array_equal(a[2:], c[2:])
+    assert sampler(labels[:0], [], guidance[:0], seeds[:0]).shape == (0, 8, 8, 1)
+    rgb = load_sampler(dit_dir, gen_cfg=gen_config(steps=3), out_shape=(32, 32, 3),
+                       num_classes=10, device="cpu", dtype="fp32")
+    d = rgb(labels, [""] * 4, guidance, seeds)
+    assert d.shape == (4, 32, 32, 3) and d.dtype == np.uint8 and d.std() > 1
+    assert np.array_equal(d, rgb(labels, [""] * 4, guidance, seeds))
+
+
+def test_label_name_mapping(dit_dir, tmp_path):
+    cfg = gen_config(steps=2)
+    s = load_sampler(dit_dir, gen_cfg=cfg, out_shape=(8, 8, 1), num_classes=2, device="cpu",
+                     dtype="fp32", label_names=["one", "three"])
+    assert s.class_ids.tolist() == [1, 3]
+    assert check_dit(dit_dir, num_classes=2, label_names=["one", "three"]).tolist() == [1, 3]
+    s = load_dit(dit_dir, gen_cfg=cfg, out_shape=(8, 8, 1), num_classes=3,
+                 label_names=["cat", "dog", "one"])  # not all found -> identity
+    assert s.class_ids.tolist() == [0, 1, 2]
+    assert load_dit(dit_dir, gen_cfg=cfg, out_shape=(8, 8, 1), num_classes=3
+                    ).class_ids.tolist() == [0, 1, 2]
+    many = [f"c{i}" for i in range(11)]
+    with pytest.raises(ModelError, match=r"DiT has 10 classes.*task has 11.*valid: <= 10") as e:
+        load_dit(dit_dir, gen_cfg=cfg, out_shape=(8, 8, 1), num_classes=11, label_names=many)
+    assert str(dit_dir) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ModelError, match="DiT has 10 classes"):
+        check_dit(dit_dir, num_classes=11, label_names=many)
+    with pytest.raises(ModelError, match="not found"):
+        load_dit(tmp_path / "nope", gen_cfg=cfg, out_shape=(8, 8, 1), num_classes=2)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_matches_dit_pipeline(tmp_path, guidance):
+    """The sampler's loop reproduces DiTPipeline.__call__ (1000 classes: its null class)."""
+    import torch
+    from diffusers import DiTPipeline
+
+    d = build_tiny_dit(tmp_path / "imagenet_like", num_classes=1000, seed=1)
+    s = load_dit(d, gen_cfg=gen_config(steps=3), out_shape=(16, 16, 3), num_classes=1000)
+    labels = np.array([5, 999, 7], dtype=np.int64)
+    seeds = np.array([1, 2, 3], dtype=np.int64)
+    ours = s(labels, [""] * 3, np.full(3, guidance, np.float32), seeds)
+    pipe = DiTPipeline.from_pretrained(str(d), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    gens = [torch.Generator("cpu").manual_seed(int(v)) for v in seeds]
+    ref = pipe(class_labels=labels.tolist(), guidance_scale=guidance, generator=gens,
+               num_inference_steps=3, output_type="np").images
+    ref = np.round(np.clip(ref, 0, 1) * 255).astype(np.int16)
+    assert ours.shape == ref.shape
+    assert np.abs(ours.astype(np.int16) - ref).max() <= 1
+
+
+def test_synthesize_end_to_end(dit_dir, tmp_path):
+    out = synthesize(gen_config(batch=8, micro=4, steps=2), generator_dir=dit_dir,
+                     label_names=["digit_a", "digit_b", "digit_c"], out_shape=(8, 8, 1),
+                     n_total=12, out_path=tmp_path / "dit.h5", seed=0, comm=LocalComm(),
+                     device="cpu")
+    with h5py.File(out, "r") as f:
+        images, labels = f["images"][()], f["labels"][()]
+        assert f.attrs["kind"] == "class_conditional"
+    assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 1
+    assert np.bincount(labels, minlength=3).tolist() == [4, 4, 4]
+
+
+def test_stochastic_scheduler_uses_sample_generators(tmp_path):
+    """A saved DDPM scheduler (gen.scheduler=default) draws its step noise from the per-sample
+    generators, not the global RNG, so the output is reproducible."""
+    import torch
+
+    d = build_tiny_dit(tmp_path / "ddpm")
+    from diffusers import DDPMScheduler
+
+    DDPMScheduler().save_pretrained(str(d / "scheduler"))
+    idx = json.loads((d / "model_index.json").read_text())
+    idx["scheduler"] = ["diffusers", "DDPMScheduler"]
+    (d / "model_index.json").write_text(json.dumps(idx))
+    s = load_dit(d, gen_cfg=gen_config(steps=3, scheduler="default"), out_shape=(8, 8, 1),
+                 num_classes=10)
+    assert type(s.pipe.scheduler).__name__ == "DDPMScheduler"
+    args = (np.arange(3), [""] * 3, np.full(3, 2.0, np.float32), np.arange(3))
+    torch.manual_seed(1)
+    a = s(*args)
+    torch.manual_seed(2)
+    assert np.array_equal(a, s(*args))
