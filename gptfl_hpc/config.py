@@ -35,7 +35,8 @@ class RunConfig:
     threads: int = 0
     """torch intra-op threads per rank; 0 = cores on the node / ranks on the node (at least 1)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Where the server (rank 0) synthesises and pretrains. FL clients use the same rule."""
+    """auto: a GPU when one is visible. The server ranks synthesise and pretrain there; FL
+    workers train (and the server evaluates) on their node-local GPU."""
     methods: list[str] = field(default_factory=lambda: ["gptfl", "fedavg", "synthetic_only"])
     """Methods that ``gptfl-hpc run`` compares (subset of gptfl, fedavg, synthetic_only)."""
     server_processes: int = 0

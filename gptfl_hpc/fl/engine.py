@@ -57,6 +57,19 @@ def setup_threads(run_cfg, comm) -> None:
     torch.set_num_threads(run_cfg.threads or cores_per_rank(comm.local_size))
 
 
+def fl_device(run_cfg, comm) -> torch.device:
+    """FL compute device of this rank: its node-local GPU when run.device allows, else CPU.
+
+    The MPI buffers always stay in host memory (no CUDA-aware MPI assumed): a GPU worker copies
+    the global weights in once per round and each client's update out once.
+    """
+    from gptfl_hpc.dist.accel import want_cuda
+
+    if not want_cuda(run_cfg.device):
+        return torch.device("cpu")
+    return torch.device("cuda", comm.local_rank % torch.cuda.device_count())
+
+
 def config_fingerprint(cfg) -> str:
     import hashlib
 
@@ -174,15 +187,20 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
         load_init(global_model, fl.init)
 
     # ---- data: each worker opens only its own clients' shards; the server only the test set
+    dev = fl_device(cfg.run, comm)
     client_data: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for cid in mine:
         images, labels, _ = read_shard(manifest.client_path(data_dir, cid),
                                        num_classes=manifest.num_classes, input_shape=in_shape)
-        client_data[cid] = (torch.from_numpy(images), torch.from_numpy(labels))
+        client_data[cid] = (torch.from_numpy(images).to(dev), torch.from_numpy(labels).to(dev))
     if is_server:
         test_x, test_y, _ = read_shard(manifest.test_path(data_dir),
                                        num_classes=manifest.num_classes, input_shape=in_shape)
         eval_tf = ImageTransform(manifest.norm_mean, manifest.norm_std, in_shape, False)
+        # on a GPU the server evaluates a device copy; on the CPU the global model itself
+        eval_model = global_model if dev.type == "cpu" else FlatModel(
+            build_model(cfg.model, in_shape, manifest.num_classes).to(dev))
+        test_x, test_y = torch.from_numpy(test_x).to(dev), torch.from_numpy(test_y).to(dev)
 
     # ---- state: fresh or resumed ---------------------------------------------------------
     fingerprint = config_fingerprint(cfg)
@@ -225,10 +243,10 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
     n_params = global_model.num_params
     acc = host_buffer(n_model + S_RANKTIME + comm.size)
     acc_np = acc.numpy()
-    work_model = FlatModel(build_model(cfg.model, in_shape, manifest.num_classes)) if mine else None
+    work_model = (FlatModel(build_model(cfg.model, in_shape, manifest.num_classes).to(dev))
+                  if mine else None)
     fault_nan = {int(x) for x in os.environ.get("GPTFL_FAULT_NAN_CLIENT", "").split(",") if x}
     fault_rank = os.environ.get("GPTFL_FAULT_RAISE_RANK")
-    global_params = global_model.param_flat
     replicated = fl.sync == "replicated" and comm.size > 1
     if replicated:  # every rank steps the server optimiser: start from rank 0's state
         for t in server_opt.state.values():
@@ -241,14 +259,16 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
         sampled = sample_clients(seed, rnd, num_clients, fl.clients_per_round)
         acc.zero_()
         # Step 2: local training of this rank's sampled clients
-        for cid in (c for c in sampled if owner[c] == comm.rank):
+        todo = [c for c in sampled if owner[c] == comm.rank]
+        global_dev = global_model.flat.to(dev) if todo else None  # no copy on the CPU
+        for cid in todo:
             if fault_rank is not None and int(fault_rank) == comm.rank:
                 raise RuntimeError(f"injected fault on rank {comm.rank} (GPTFL_FAULT_RAISE_RANK)")
-            work_model.flat.copy_(global_model.flat)
+            work_model.flat.copy_(global_dev)
             x, y = client_data[cid]
-            loss = train_client(work_model.model, work_model.params, global_params, x, y,
+            loss = train_client(work_model.model, work_model.params, global_dev[:n_params], x, y,
                                 transform, fl, seed=seed, client_id=cid, round_=rnd)
-            update = work_model.flat - global_model.flat
+            update = (work_model.flat - global_dev).cpu()
             if cid in fault_nan:
                 update[0] = float("nan")
             n_k = float(len(y))
@@ -317,8 +337,10 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
         }
         if rnd % fl.eval_every == 0 or rnd == fl.rounds:
             te = time.perf_counter()
-            m = evaluate(global_model.model, test_x, test_y, eval_tf,
-                         batch_size=fl.eval_batch_size, num_classes=manifest.num_classes)
+            if eval_model is not global_model:
+                eval_model.flat.copy_(global_model.flat)
+            m = evaluate(eval_model.model, test_x, test_y, eval_tf, batch_size=fl.eval_batch_size,
+                         device=dev, num_classes=manifest.num_classes)
             record.update(test_accuracy=m["accuracy"], test_macro_f1=m["macro_f1"],
                           test_loss=m["loss"], t_eval=time.perf_counter() - te)
         else:
