@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from gptfl_hpc.errors import ModelError
+from gptfl_hpc.gen.base import batch_arrays
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,8 @@ class ClassConditionalSampler:
                  seeds: np.ndarray) -> np.ndarray:
         import torch
 
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        guidance = np.asarray(guidance, dtype=np.float32).reshape(-1)
-        seeds = np.asarray(seeds, dtype=np.int64).reshape(-1)
+        labels, guidance, seeds = batch_arrays("class-conditional", labels, guidance, seeds)
         b = len(labels)
-        if not (len(guidance) == len(seeds) == b):
-            raise ValueError("labels, guidance and seeds must have the same length")
         if b == 0:
             return np.zeros((0, *self.out_shape), dtype=np.uint8)
         cfg_rows = guidance > 1.0

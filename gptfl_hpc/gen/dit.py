@@ -48,6 +48,7 @@ from typing import Any, Callable
 import numpy as np
 
 from gptfl_hpc.errors import ModelError
+from gptfl_hpc.gen.base import batch_arrays, check_sampler_args
 
 log = logging.getLogger(__name__)
 
@@ -150,14 +151,8 @@ class DiTSampler:
 
     def __init__(self, pipe: Any, *, out_shape: tuple[int, int, int], steps: int,
                  class_ids: np.ndarray, device: Any) -> None:
-        if len(out_shape) != 3 or out_shape[2] not in (1, 3) or min(out_shape) < 1:
-            raise ModelError(f"DiT out_shape {tuple(out_shape)}: expected (H, W, C) with "
-                             "C in (1, 3)")
-        if steps < 1:
-            raise ModelError(f"config key gen.steps: invalid value {steps!r}; valid: >= 1")
+        self.out_shape, self.steps = check_sampler_args("DiT", out_shape, steps)
         self.pipe = pipe
-        self.out_shape = tuple(int(v) for v in out_shape)
-        self.steps = int(steps)
         self.class_ids = np.asarray(class_ids, dtype=np.int64)
         self.device = device
         cfg = pipe.transformer.config
@@ -185,13 +180,8 @@ class DiTSampler:
 
         from gptfl_hpc.gen.text2image import to_uint8
 
-        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
-        guidance = np.asarray(guidance, dtype=np.float32).reshape(-1)
-        seeds = np.asarray(seeds, dtype=np.int64).reshape(-1)
+        labels, guidance, seeds = batch_arrays("DiT", labels, guidance, seeds)
         b = len(labels)
-        if not (len(guidance) == len(seeds) == b):
-            raise ModelError(f"DiT batch: labels {b}, guidance {len(guidance)} and seeds "
-                             f"{len(seeds)} must have the same length")
         if b == 0:
             return np.zeros((0, *self.out_shape), dtype=np.uint8)
         if labels.min() < 0 or labels.max() >= len(self.class_ids):

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from gptfl_hpc.errors import ModelError
+from gptfl_hpc.gen.base import batch_arrays, check_sampler_args
 
 log = logging.getLogger(__name__)
 
@@ -206,14 +207,8 @@ class Text2ImageSampler:
     def __init__(self, pipe, *, out_shape: tuple[int, int, int], steps: int,
                  height: int | None = None, width: int | None = None,
                  max_batch: int | None = None, device: str | None = None) -> None:
-        if len(out_shape) != 3 or out_shape[2] not in (1, 3) or min(out_shape) < 1:
-            raise ModelError(f"text2image out_shape {tuple(out_shape)}: expected (H, W, C) with "
-                             "C in (1, 3)")
-        if steps < 1:
-            raise ModelError(f"config key gen.steps: invalid value {steps!r}; valid: >= 1")
+        self.out_shape, self.steps = check_sampler_args("text2image", out_shape, steps)
         self.pipe = pipe
-        self.out_shape = tuple(int(v) for v in out_shape)
-        self.steps = int(steps)
         nh, nw = native_size(pipe)
         self.height, self.width = int(height or nh), int(width or nw)
         self.max_batch = int(max_batch or DEFAULT_MAX_BATCH)
@@ -233,14 +228,9 @@ class Text2ImageSampler:
 
     def __call__(self, labels: np.ndarray, prompts: list[str], guidance: np.ndarray,
                  seeds: np.ndarray) -> np.ndarray:
-        labels = np.asarray(labels)
-        guidance = np.asarray(guidance, dtype=np.float32).reshape(-1)
-        seeds = np.asarray(seeds, dtype=np.int64).reshape(-1)
         prompts = list(prompts)
         b = len(prompts)
-        if not (len(labels) == len(guidance) == len(seeds) == b):
-            raise ModelError(f"text2image batch: labels {len(labels)}, prompts {b}, guidance "
-                             f"{len(guidance)} and seeds {len(seeds)} must have the same length")
+        labels, guidance, seeds = batch_arrays("text2image", labels, guidance, seeds, rows=b)
         if not all(isinstance(p, str) for p in prompts):
             raise ModelError("text2image batch: prompts must be a list of str")
         if not np.all(np.isfinite(guidance)) or np.any(guidance <= 0):
