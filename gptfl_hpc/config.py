@@ -217,8 +217,6 @@ class GenConfig:
     steps: int = 25
     scheduler: Literal["default", "ddim", "dpm"] = "ddim"
     batch_size: int = 256
-    resolution: int | None = None
-    """Images are resized to this; None = the task's resolution."""
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     """auto: fp16 on GPU, fp32 on CPU."""
     compile: bool = False

@@ -290,3 +290,41 @@ def test_bench_synthesis_smoke(tmp_path):
     assert [r["mode"] for r in res] == ["reference", "eager"]
     assert all(r["img_s"] > 0 and r["tflop_per_img"] > 0 for r in res)
     assert "| eager | 32 | 2 | 2 |" in p.stdout
+
+
+def test_out_of_memory_halves_the_call_and_keeps_images():
+    """A pipeline that runs out of GPU memory above 2 images per call: the sampler splits the
+    call, remembers the smaller size, and returns exactly the images of per-image calls."""
+    import types
+
+    import torch
+
+    from gptfl_hpc.gen.text2image import Text2ImageSampler
+
+    class FakePipe:
+        unet = None
+        default_sample_size = 2
+        vae_scale_factor = 8
+        device = "cpu"
+        scheduler = None
+
+        def __init__(self):
+            self.sizes = []
+
+        def __call__(self, prompt, height, width, num_inference_steps, guidance_scale,
+                     generator, output_type):
+            self.sizes.append(len(prompt))
+            if len(prompt) > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (fake)")
+            imgs = torch.stack([torch.rand(3, height, width, generator=g) for g in generator])
+            return types.SimpleNamespace(images=imgs)
+
+    pipe = FakePipe()
+    s = Text2ImageSampler(pipe, out_shape=(8, 8, 3), steps=2, max_batch=8, device="cpu")
+    seeds = np.arange(7, dtype=np.int64)
+    out = s(np.zeros(7, np.int64), ["a digit"] * 7, np.ones(7, np.float32), seeds)
+    assert s.max_batch == 2 and pipe.sizes == [7, 4, 2, 2, 2, 1]  # 7 and 4 ran out of memory
+    one = Text2ImageSampler(FakePipe(), out_shape=(8, 8, 3), steps=2, max_batch=1, device="cpu")
+    ref = np.concatenate([one(np.zeros(1, np.int64), ["a digit"], np.ones(1, np.float32),
+                              seeds[i:i + 1]) for i in range(7)])
+    np.testing.assert_array_equal(out, ref)

@@ -290,6 +290,39 @@ class Text2ImageSampler:
         return images
 
     def _generate(self, prompts: list[str], guidance, seeds: np.ndarray) -> np.ndarray:
+        """One pipeline call; on GPU out-of-memory, halve the call (and later calls) and retry.
+
+        Every image keeps its own generator, so a split call makes the same images (up to the
+        batch-size float effects described in the module docstring).
+        """
+        import torch
+
+        try:
+            return self._call(prompts, guidance, seeds)
+        except torch.OutOfMemoryError:
+            if len(prompts) == 1:
+                raise ModelError(f"text2image: one {self.height}x{self.width} image does not fit "
+                                 "in GPU memory; valid: gen.dtype fp16/bf16, a smaller "
+                                 "model or a larger GPU") from None
+            half = (len(prompts) + 1) // 2
+            self.max_batch = max(1, min(self.max_batch, half))
+            log.warning("text2image: out of GPU memory at %d images per call; using %d from now "
+                        "on", len(prompts), self.max_batch)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            parts, start = [], 0
+            while start < len(prompts):  # max_batch may shrink again inside
+                sl = slice(start, start + self.max_batch)
+                start = min(sl.stop, len(prompts))
+                g = guidance
+                if isinstance(guidance, RowGuidance):
+                    g = RowGuidance(guidance.scales[sl].numpy())
+                parts.append(self._generate(prompts[sl], g, seeds[sl]))
+                if isinstance(guidance, RowGuidance):
+                    guidance.applied += g.applied
+            return np.concatenate(parts)
+
+    def _call(self, prompts: list[str], guidance, seeds: np.ndarray) -> np.ndarray:
         import torch
 
         gen_device = "cpu" if self.device.startswith("mps") else self.device
