@@ -17,14 +17,7 @@ from gptfl_hpc.gen.embedded import PROVENANCE, checkpoint_path, train_generator
 TINY = GenTrainConfig(steps=20, batch_size=32, block_out_channels=[8, 16], checkpoint_every=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,7 @@ ARRAYS = ("images", "labels", "prompt_index", "guidance", "seed")
 SHAPE = (8, 8, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread, as in the MPI subprocesses (OMP_NUM_THREADS=1). With 2 threads on a
-    busy 2-core CI machine every tiny conv waits on an OpenMP barrier (20 ms instead of 0.1)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -36,16 +36,7 @@ LABELS = np.arange(N, dtype=np.int64) % 10
 SEEDS = np.arange(1000, 1000 + N, dtype=np.int64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a busy 2-core CI box, OpenMP threads
-    spinning against other processes made these tests ~10x slower (28 s vs 2.6 s measured)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
