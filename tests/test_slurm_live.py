@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import REPO, env, run_cli
 from safetensors.torch import load_file
 
@@ -252,3 +253,150 @@ def test_submitit_preemption_checkpoints_requeues_and_resumes(job_env, data_dir,
     for k in a:
         assert torch.equal(a[k], b[k]), k
     print(f"submitit preempt -> requeue -> resume: {time.monotonic() - t0:.0f}s")
+
+
+# ---- multi-node: scripts/slurm-up.sh emulates nodes n2.. next to the host's node --------------
+
+@pytest.fixture(scope="module")
+def two_nodes(job_env):
+    """The 'multi' partition with >= 2 nodes (scripts/slurm-up.sh, SLURM_CI_NODES >= 2)."""
+    p = subprocess.run(["sinfo", "-h", "-p", "multi", "-o", "%D"], capture_output=True,
+                       text=True, timeout=30)
+    if sum(int(x) for x in p.stdout.split() if x.isdigit()) < 2:
+        pytest.skip("no partition 'multi' with 2 nodes: bring Slurm up with SLURM_CI_NODES=2 "
+                    "scripts/slurm-up.sh")
+    return ["-p", "multi"]
+
+
+def assert_two_node_placement(summary: dict, per_node: int) -> None:
+    """Ranks spread over two Slurm nodes in blocks, node-local ranks 0..per_node-1 on each."""
+    placement = summary["placement"]
+    assert summary["nodes"] == 2 and len(placement) == 2 * per_node, placement
+    nodes = [p["node"] for p in placement]
+    assert nodes == [nodes[0]] * per_node + [nodes[-1]] * per_node and nodes[0] != nodes[-1]
+    assert [p["local_rank"] for p in placement] == list(range(per_node)) * 2, placement
+    assert [p["rank"] for p in placement] == list(range(2 * per_node))
+
+
+@pytest.mark.timeout(200)
+def test_two_node_sbatch_federate_matches_single_node(job_env, two_nodes, data_dir, reference,
+                                                      tmp_path):
+    """sbatch -N 2 --ntasks-per-node=2: one 4-rank MPI world over two (emulated) nodes, with
+    the same result as the 3-rank single-node run up to float32 summation order."""
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    t0 = time.monotonic()
+    jid = sbatch(job_env, log, *two_nodes, "-N", "2", "--ntasks-per-node=2",
+                 "slurm/gptfl.sbatch", **federate_vars(out, data_dir))
+    info = wait_job(jid, 150, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 4 and summary["rounds"] == ROUNDS
+    assert_two_node_placement(summary, per_node=2)
+    assert "placement: 2 node(s)" in text, text[-3000:]
+    # the same computation: same clients and samples every round, and the same losses up to
+    # float32 summation order while the runs have not yet drifted apart (this tiny config is
+    # chaotic: 1e-8 differences grow to ~1e-3 in the weights by round 14)
+    ref = [json.loads(x) for x in (reference[0] / "metrics.jsonl").read_text().splitlines()]
+    got = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["sampled_clients"], r["num_samples"]) for r in got] == \
+        [(r["sampled_clients"], r["num_samples"]) for r in ref]
+    assert got[0]["train_loss"] == pytest.approx(ref[0]["train_loss"], rel=1e-6)
+    assert [r["train_loss"] for r in got[1:3]] == pytest.approx(
+        [r["train_loss"] for r in ref[1:3]], rel=1e-4)
+    print(f"sbatch federate 2 nodes x 2 ranks: {time.monotonic() - t0:.0f}s")
+
+
+@pytest.mark.timeout(300)
+def test_scale_through_slurm_on_two_nodes(job_env, two_nodes, data_dir, tmp_path):
+    """`gptfl-hpc scale --cluster slurm --nodes 2`: one submitit job per rank count, spread over
+    both nodes, and the CSV / markdown / plot report."""
+    out = tmp_path / "scale"
+    t0 = time.monotonic()
+    p = subprocess.run(
+        [sys.executable, "-m", "gptfl_hpc", "scale", TINY, "--out", str(out), "--ranks", "2,4",
+         "--nodes", "2", "--cluster", "slurm", "--partition", "multi", "--time", "10",
+         f"data.dir={data_dir}", "fl.rounds=4", "fl.eval_every=4"],
+        capture_output=True, text=True, env=job_env, cwd=REPO, timeout=280)
+    assert p.returncode == 0, p.stderr[-4000:]
+    rows = (out / "scaling.csv").read_text().splitlines()
+    assert rows[0].startswith("ranks,client_ranks,") and len(rows) == 3, rows
+    assert [r.split(",")[:2] for r in rows[1:]] == [["2", "1"], ["4", "3"]]
+    assert (out / "scaling.md").is_file() and (out / "scaling.png").stat().st_size > 0
+    for ranks, per_node in ((2, 1), (4, 2)):
+        summary = json.loads((out / f"r{ranks}" / "summary.json").read_text())
+        assert_two_node_placement(summary, per_node=per_node)
+    print(f"scale --cluster slurm --nodes 2 --ranks 2,4: {time.monotonic() - t0:.0f}s")
+
+
+# ---- the other templates: synthesize -> federate chained, and the sweep array -----------------
+
+@pytest.mark.timeout(400)
+def test_synthesize_then_federate_chained_with_afterok(job_env, tmp_path):
+    """The two-stage route: federate.sbatch waits (Dependency) for synthesize.sbatch, then
+    starts from its pretrained model in the shared OUT."""
+    out = tmp_path / "out"
+    over = "fl.rounds=2"
+    t0 = time.monotonic()
+    jid1 = sbatch(job_env, tmp_path / "synth.log", "slurm/synthesize.sbatch", CONFIG=TINY,
+                  OUT=str(out), GPTFL_OVERRIDES=over)
+    jid2 = sbatch(job_env, tmp_path / "fed.log", f"--dependency=afterok:{jid1}", "-n", "3",
+                  "slurm/federate.sbatch", CONFIG=TINY, OUT=str(out), GPTFL_OVERRIDES=over)
+    first = job_info(jid2)
+    assert first["JobState"] == "PENDING" and first["Reason"] == "Dependency", first
+    info1 = wait_job(jid1, 300, tmp_path / "synth.log")
+    synth_log = (tmp_path / "synth.log").read_text()
+    assert info1["JobState"] == "COMPLETED", synth_log[-3000:]
+    for stage in ("prepare", "train-generator", "synthesize", "pretrain"):
+        assert re.search(rf"run: srun .* -m gptfl_hpc {stage} ", synth_log), stage
+    assert (out / "pretrained.safetensors").is_file()
+    info2 = wait_job(jid2, 150, tmp_path / "fed.log")
+    fed_log = (tmp_path / "fed.log").read_text()
+    assert info2["JobState"] == "COMPLETED", fed_log[-3000:]
+    assert f"fl.init={out / 'pretrained.safetensors'}" in fed_log, fed_log[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["init"] == str(out / "pretrained.safetensors")
+    assert summary["world_size"] == 3 and summary["rounds"] == 2
+    print(f"synthesize -> afterok -> federate: {time.monotonic() - t0:.0f}s")
+
+
+@pytest.mark.timeout(120)
+def test_failed_stage_one_never_starts_stage_two(job_env, tmp_path):
+    out = tmp_path / "out"
+    jid1 = sbatch(job_env, tmp_path / "synth.log", "slurm/synthesize.sbatch",
+                  CONFIG="configs/missing.yaml", OUT=str(out))
+    jid2 = sbatch(job_env, tmp_path / "fed.log", f"--dependency=afterok:{jid1}", "-n", "3",
+                  "slurm/federate.sbatch", CONFIG=TINY, OUT=str(out))
+    try:
+        info1 = wait_job(jid1, 60, tmp_path / "synth.log")
+        assert info1["JobState"] == "FAILED"
+        assert "config file configs/missing.yaml: not found" in \
+            (tmp_path / "synth.log").read_text()
+        wait_for(lambda: job_info(jid2).get("Reason") == "DependencyNeverSatisfied", 30,
+                 "the dependent job to be marked DependencyNeverSatisfied")
+        assert job_info(jid2)["JobState"] == "PENDING"
+        assert not (tmp_path / "fed.log").exists()
+    finally:
+        subprocess.run(["scancel", jid2], timeout=30)
+
+
+@pytest.mark.timeout(300)
+def test_sweep_array_runs_one_configuration_per_task(job_env, tmp_path):
+    sweep = tmp_path / "sweep"
+    t0 = time.monotonic()
+    jid = sbatch(job_env, tmp_path / "sweep-%a.log", "--array=0-1", "-n", "3",
+                 "slurm/sweep.sbatch", CONFIG=TINY, GPTFL_METHODS="fedavg", GPTFL_SEEDS="0 1",
+                 GPTFL_ALPHAS="0.5", GPTFL_SWEEP_DIR=str(sweep), GPTFL_OVERRIDES="fl.rounds=2")
+    for task in (0, 1):
+        info = wait_job(f"{jid}_{task}", 250, tmp_path / f"sweep-{task}.log")
+        text = (tmp_path / f"sweep-{task}.log").read_text()
+        assert info["JobState"] == "COMPLETED", text[-3000:]
+    dirs = sorted(d.name for d in sweep.iterdir())
+    assert dirs == ["fedavg-seed0-alpha0.5", "fedavg-seed1-alpha0.5"]
+    assert all((sweep / d / "report.json").is_file() for d in dirs)
+    finals = [json.loads((sweep / d / "fedavg" / "summary.json").read_text()) for d in dirs]
+    assert all(f["world_size"] == 3 and f["rounds"] == 2 for f in finals)
+    used = [yaml.safe_load((sweep / d / "fedavg" / "config.yaml").read_text()) for d in dirs]
+    assert [(c["run"]["seed"], c["run"]["methods"], c["data"]["alpha"]) for c in used] == \
+        [(0, ["fedavg"], 0.5), (1, ["fedavg"], 0.5)]
+    print(f"sweep array 2 tasks: {time.monotonic() - t0:.0f}s")

@@ -87,10 +87,9 @@ def accelerator(comm: Any, *, device: str = "auto", mixed_precision: str = "no",
         single_node = len(set(hosts)) == 1
         addr = comm.bcast_json([_my_address(single_node), _free_port()] if comm.rank == 0
                                else None)
-        local_rank = sum(1 for h in hosts[:comm.rank] if h == hosts[comm.rank])
-        local_size = hosts.count(hosts[comm.rank])
+        # node-local rank as computed by the comm layer (Slurm node aware), also picks the GPU
         env = {"RANK": str(comm.rank), "WORLD_SIZE": str(comm.size),
-               "LOCAL_RANK": str(local_rank), "LOCAL_WORLD_SIZE": str(local_size),
+               "LOCAL_RANK": str(comm.local_rank), "LOCAL_WORLD_SIZE": str(comm.local_size),
                "MASTER_ADDR": str(addr[0]), "MASTER_PORT": str(addr[1])}
     else:
         env = {}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -34,6 +35,27 @@ _LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRA
                   "MV2_COMM_WORLD_SIZE", "HYDRA_CONTROL_FD")
 
 
+def node_key() -> list[str]:
+    """Which node this process runs on: [hostname, Slurm node name or ''].
+
+    The Slurm node name tells emulated nodes on one host apart (and is what srun's
+    SLURM_LOCALID counts within); the hostname keeps processes on different hosts apart even
+    when a launcher forwarded one node's environment to another (Hydra over ssh).
+    """
+    return [socket.gethostname(), os.environ.get("SLURMD_NODENAME", "")]
+
+
+def local_placement(keys: list, rank: int) -> tuple[str, int, int]:
+    """(node name, node-local rank, ranks on the node) of `rank` from every rank's node_key().
+
+    The node-local rank (its order among the ranks on its node) picks the rank's GPU; it does
+    not rely on MPI_COMM_TYPE_SHARED, which groups ranks by host and so sees emulated Slurm
+    nodes on one host as one node.
+    """
+    mine = keys[rank]
+    return (mine[1] or mine[0], sum(1 for k in keys[:rank] if k == mine), keys.count(mine))
+
+
 class LocalComm:
     """A world of one process: collectives are no-ops."""
 
@@ -41,6 +63,10 @@ class LocalComm:
     size = 1
     local_rank = 0
     local_size = 1
+
+    @property
+    def node(self) -> str:
+        return local_placement([node_key()], 0)[0]
     is_mpi = False
     last_wait = 0.0
     last_xfer = 0.0
@@ -92,10 +118,8 @@ class MPIComm:
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
-        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank = node.Get_rank()
-        self.local_size = node.Get_size()
-        node.Free()
+        self.node, self.local_rank, self.local_size = local_placement(
+            self.allgather_json(node_key()), self.rank)
 
     def barrier(self) -> None:
         """Barrier that sleeps while waiting (see wait_for_peers)."""

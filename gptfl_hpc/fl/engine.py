@@ -188,6 +188,10 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
 
     # ---- data: each worker opens only its own clients' shards; the server only the test set
     dev = fl_device(cfg.run, comm)
+    # where every rank runs (one small gather at start-up): logged and kept in summary.json
+    placement = comm.allgather_json({"rank": comm.rank, "node": comm.node,
+                                     "local_rank": comm.local_rank, "device": str(dev),
+                                     "threads": torch.get_num_threads(), "clients": len(mine)})
     client_data: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for cid in mine:
         images, labels, _ = read_shard(manifest.client_path(data_dir, cid),
@@ -235,6 +239,10 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
                  comm.size, len(workers), num_clients, fl.clients_per_round, fl.algorithm,
                  cfg.model.name, global_model.num_params, global_model.numel * 4 / 1e6,
                  imbalance(sizes, owner))
+        nodes = sorted({p["node"] for p in placement})
+        log.info("placement: %d node(s) %s; %s", len(nodes), ",".join(nodes), "; ".join(
+            f"r{p['rank']}@{p['node']}/{p['local_rank']} {p['device']} x{p['threads']}"
+            for p in placement))
     start_round = int(comm.bcast_json(start_round))
     comm.bcast_(global_model.numpy())  # everyone starts from the server's weights
 
@@ -361,7 +369,7 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
             raise Preempted(f"stopped after round {rnd} ({signals.reason()}); checkpoint saved "
                             f"in {ckpts.root}; rerun with --resume")
     if is_server:
-        summary = _finish(out_dir, global_model, history, fl, cfg, comm.size,
+        summary = _finish(out_dir, global_model, history, fl, cfg, placement,
                           wall_before + time.perf_counter() - t_start)
     comm.barrier()
     return summary
@@ -375,7 +383,7 @@ def _log_round(r: dict, total: int) -> None:
              r["num_samples"], r["t_client"], r["t_comm"], r["t_server"], r["t_eval"])
 
 
-def _finish(out_dir: Path, model: FlatModel, history: list, fl, cfg, world: int,
+def _finish(out_dir: Path, model: FlatModel, history: list, fl, cfg, placement: list,
             wall: float) -> dict:
     evaluated = [(r, a) for r, a in history if a is not None]
     if not evaluated:
@@ -387,7 +395,8 @@ def _finish(out_dir: Path, model: FlatModel, history: list, fl, cfg, world: int,
         "target_accuracy": fl.target_accuracy,
         "rounds_to_target": rounds_to_target(evaluated, fl.target_accuracy),
         "rounds": fl.rounds, "algorithm": fl.algorithm, "init": fl.init,
-        "model": cfg.model.name, "world_size": world, "wall_seconds": wall,
+        "model": cfg.model.name, "world_size": len(placement), "wall_seconds": wall,
+        "nodes": len({p["node"] for p in placement}), "placement": placement,
         "accuracy_by_round": evaluated,
     }
     save_safetensors(model.state_dict(), out_dir / "final.safetensors",
