@@ -293,7 +293,7 @@ def test_two_node_sbatch_federate_matches_single_node(job_env, two_nodes, data_d
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 4 and summary["rounds"] == ROUNDS
     assert_two_node_placement(summary, per_node=2)
-    assert "placement: 2 node(s)" in text, text[-3000:]
+    assert re.search(r"placement \(Open MPI [^)]*\): 2 node\(s\)", text), text[-3000:]
     # the same computation: same clients and samples every round, and the same losses up to
     # float32 summation order while the runs have not yet drifted apart (this tiny config is
     # chaotic: 1e-8 differences grow to ~1e-3 in the weights by round 14)
@@ -400,3 +400,40 @@ def test_sweep_array_runs_one_configuration_per_task(job_env, tmp_path):
     assert [(c["run"]["seed"], c["run"]["methods"], c["data"]["alpha"]) for c in used] == \
         [(0, ["fedavg"], 0.5), (1, ["fedavg"], 0.5)]
     print(f"sweep array 2 tasks: {time.monotonic() - t0:.0f}s")
+
+
+# ---- MPICH under srun --mpi=pmi2 (the PyPI mpich wheel that scripts/test.sh installs) ---------
+
+@pytest.fixture(scope="module")
+def mpich(job_env):
+    lib = os.environ.get("GPTFL_TEST_MPICH", str(REPO / ".venv/mpich/lib/libmpi.so.12"))
+    if not Path(lib).is_file():
+        pytest.skip(f"no MPICH library at {lib}: scripts/test.sh installs the mpich wheel there "
+                    "(pip install --prefix .venv/mpich mpich)")
+    return {"MPI4PY_LIBMPI": lib, "GPTFL_SRUN_MPI": "pmi2"}
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("shape", [["-n", "3"], ["-p", "multi", "-N", "2",
+                                                 "--ntasks-per-node=2"]],
+                         ids=["1node-3ranks", "2nodes-2x2ranks"])
+def test_mpich_with_srun_pmi2(job_env, mpich, data_dir, shape, tmp_path):
+    if "multi" in shape:
+        p = subprocess.run(["sinfo", "-h", "-p", "multi", "-o", "%D"], capture_output=True,
+                           text=True, timeout=30)
+        if not p.stdout.strip().isdigit() or int(p.stdout) < 2:
+            pytest.skip("no partition 'multi' with 2 nodes (SLURM_CI_NODES=2 slurm-up.sh)")
+    out, log = tmp_path / "out", tmp_path / "job.log"
+    t0 = time.monotonic()
+    jid = sbatch(job_env, log, *shape, "slurm/gptfl.sbatch",
+                 **federate_vars(out, data_dir, **mpich))
+    info = wait_job(jid, 150, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+    assert "run: srun --kill-on-bad-exit=1 --mpi=pmi2 " in text
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mpi_library"].startswith("MPICH"), summary["mpi_library"]
+    assert summary["world_size"] == (3 if "-n" in shape else 4)
+    if "multi" in shape:
+        assert_two_node_placement(summary, per_node=2)
+    print(f"MPICH srun --mpi=pmi2 {' '.join(shape)}: {time.monotonic() - t0:.0f}s")

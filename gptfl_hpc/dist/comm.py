@@ -63,6 +63,7 @@ class LocalComm:
     size = 1
     local_rank = 0
     local_size = 1
+    library = "none (one process, no MPI)"
 
     @property
     def node(self) -> str:
@@ -120,6 +121,8 @@ class MPIComm:
         self.size = self.comm.Get_size()
         self.node, self.local_rank, self.local_size = local_placement(
             self.allgather_json(node_key()), self.rank)
+        # "Open MPI v5.0.11", "MPICH Version: 5.0.2": which MPI mpi4py loaded
+        self.library = " ".join(MPI.Get_library_version().splitlines()[0].split(",")[0].split())
 
     def barrier(self) -> None:
         """Barrier that sleeps while waiting (see wait_for_peers)."""

@@ -240,7 +240,8 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
                  cfg.model.name, global_model.num_params, global_model.numel * 4 / 1e6,
                  imbalance(sizes, owner))
         nodes = sorted({p["node"] for p in placement})
-        log.info("placement: %d node(s) %s; %s", len(nodes), ",".join(nodes), "; ".join(
+        log.info("placement (%s): %d node(s) %s; %s", comm.library, len(nodes), ",".join(nodes),
+                 "; ".join(
             f"r{p['rank']}@{p['node']}/{p['local_rank']} {p['device']} x{p['threads']}"
             for p in placement))
     start_round = int(comm.bcast_json(start_round))
@@ -369,7 +370,7 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
             raise Preempted(f"stopped after round {rnd} ({signals.reason()}); checkpoint saved "
                             f"in {ckpts.root}; rerun with --resume")
     if is_server:
-        summary = _finish(out_dir, global_model, history, fl, cfg, placement,
+        summary = _finish(out_dir, global_model, history, fl, cfg, placement, comm.library,
                           wall_before + time.perf_counter() - t_start)
     comm.barrier()
     return summary
@@ -384,7 +385,7 @@ def _log_round(r: dict, total: int) -> None:
 
 
 def _finish(out_dir: Path, model: FlatModel, history: list, fl, cfg, placement: list,
-            wall: float) -> dict:
+            mpi_library: str, wall: float) -> dict:
     evaluated = [(r, a) for r, a in history if a is not None]
     if not evaluated:
         raise DataError("no evaluated round in the history")
@@ -397,6 +398,7 @@ def _finish(out_dir: Path, model: FlatModel, history: list, fl, cfg, placement: 
         "rounds": fl.rounds, "algorithm": fl.algorithm, "init": fl.init,
         "model": cfg.model.name, "world_size": len(placement), "wall_seconds": wall,
         "nodes": len({p["node"] for p in placement}), "placement": placement,
+        "mpi_library": mpi_library,
         "accuracy_by_round": evaluated,
     }
     save_safetensors(model.state_dict(), out_dir / "final.safetensors",
