@@ -70,6 +70,10 @@ class DataConfig:
     """Dirichlet concentration (label skew); smaller is more skewed."""
     min_client_size: int = 10
     """Dirichlet: resample until every client holds at least this many samples."""
+    train_fraction: float = 1.0
+    """Share of the private pool the clients split: a seeded, class-stratified subset (the
+    normalisation stays that of the whole pool). `gptfl-hpc scale --mode weak` sets it so that
+    every client holds the same amount of data at every rank count."""
     natural_key: str | None = None
     """natural partition: array in the arrays file whose values name each sample's client."""
     images_key: str = "images"
@@ -84,6 +88,8 @@ class DataConfig:
         _check(self.num_clients >= 1, "data.num_clients", self.num_clients, ">= 1")
         _check(self.alpha > 0, "data.alpha", self.alpha, "> 0")
         _check(self.min_client_size >= 1, "data.min_client_size", self.min_client_size, ">= 1")
+        _check(0.0 < self.train_fraction <= 1.0, "data.train_fraction", self.train_fraction,
+               "0 < x <= 1")
         if self.partition == "natural":
             _check(self.source == "arrays" and bool(self.natural_key), "data.natural_key",
                    self.natural_key, "the name of a key array in an 'arrays' source")

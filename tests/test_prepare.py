@@ -153,6 +153,33 @@ def test_digits_iid_and_config_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "x").exists(), "validation failed before anything was written"
 
 
+def test_train_fraction_is_a_nested_stratified_subset(tmp_path: Path, digits) -> None:
+    """Weak scaling's knob: a share of the private pool, per class, nested across fractions,
+    same test/public splits and normalisation as the whole pool."""
+    _, _, full = digits
+    pools = {}
+    for frac in (0.25, 0.5, 1.0):
+        cfg = DataConfig(num_clients=4, partition="iid", train_fraction=frac)
+        m = prepare_data(cfg, seed=0, out_dir=tmp_path / str(frac))
+        x = np.concatenate([m.read_client(tmp_path / str(frac), c.id)[0] for c in m.clients])
+        y = np.concatenate([m.read_client(tmp_path / str(frac), c.id)[1] for c in m.clients])
+        pools[frac] = (set(_hashes(x)), np.bincount(y, minlength=10), m)
+    counts_all = pools[1.0][1]
+    assert counts_all.sum() == full.num_train == 898
+    for frac in (0.25, 0.5):
+        hashes, counts, m = pools[frac]
+        assert np.abs(counts - np.round(frac * counts_all)).max() <= 1, counts
+        assert m.num_train == counts.sum() and m.config_hash != pools[1.0][2].config_hash
+        assert (m.norm_mean, m.norm_std, m.test.sha256, m.public.sha256) == (
+            full.norm_mean, full.norm_std, full.test.sha256, full.public.sha256)
+    assert pools[0.25][0] <= pools[0.5][0] <= pools[1.0][0]
+    # the default fraction keeps the content hash of data prepared before the option existed
+    assert pools[1.0][2].config_hash == prepare_data(
+        DataConfig(num_clients=4, partition="iid"), seed=0, out_dir=tmp_path / "1.0").config_hash
+    with pytest.raises(ConfigError, match=r"data.train_fraction.*valid: 0 < x <= 1"):
+        DataConfig(train_fraction=0.0)
+
+
 # --------------------------------------------------------------------------------------------
 # CIFAR from tiny fake batches
 

@@ -402,10 +402,15 @@ def test_scale_with_a_fake_runner(tmp_path, mode):
     # what each rank count ran with
     k = {"strong": [1, 1, 1], "weak": [1, 2, 4]}[mode]
     assert [c[0] for c in calls] == [2, 3, 5]
-    for (_, over), f in zip(calls, k, strict=True):
+    for (r, over), f in zip(calls, k, strict=True):
         assert over[0] == "fl.rounds=3"
         assert f"data.num_clients={8 * f}" in over and f"fl.clients_per_round={4 * f}" in over
-        assert f"data.dir={tmp_path}/data-c{8 * f}" in over
+        if mode == "strong":
+            assert f"data.dir={tmp_path}/data-c8" in over
+            assert not any(o.startswith("data.train_fraction") for o in over)
+        else:  # the pool grows with the clients: same data per client at every rank count
+            assert f"data.dir={tmp_path}/data-r{r}" in over
+            assert f"data.train_fraction={f / 4:g}" in over
     # the fake scales perfectly in both modes: speedup == ideal == client ranks ratio
     for r, ideal in zip(rows, (1, 2, 4), strict=True):
         assert r["rounds_timed"] == 2

@@ -13,6 +13,7 @@ to overwrite (use a new --out).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ from gptfl_hpc.data.partition import partition
 from gptfl_hpc.data.shards import write_shard
 from gptfl_hpc.data.sources import Source, load_source
 from gptfl_hpc.errors import ConfigError, DataError
+from gptfl_hpc.seeding import rng
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,24 @@ def content_config(cfg: DataConfig, seed: int) -> dict[str, Any]:
         d["alpha"], d["min_client_size"] = cfg.alpha, cfg.min_client_size
     if cfg.partition == "natural":
         d["natural_key"] = cfg.natural_key
+    if cfg.train_fraction != 1.0:  # absent at 1.0: older data dirs keep their hash
+        d["train_fraction"] = cfg.train_fraction
     return d
+
+
+def train_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a class-stratified `fraction` of the pool (>= 1 per present class).
+
+    Seeded from (seed, class) only, so a larger fraction's subset contains every smaller one's.
+    """
+    if fraction >= 1.0:
+        return np.arange(len(labels))
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        order = rng(seed, "train-subset", int(c)).permutation(idx)
+        keep.append(order[:max(1, int(round(fraction * len(idx))))])
+    return np.sort(np.concatenate(keep))
 
 
 def config_hash(cfg: DataConfig, seed: int) -> str:
@@ -120,9 +139,16 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: str | Path) -> Manifest:
 
     # Step 1: load the source and partition it (everything is checked before any write)
     src = load_source(cfg, seed)
+    mean, std = norm_stats(src)
+    if cfg.train_fraction < 1.0:
+        keep = train_subset(src.train_labels, cfg.train_fraction, seed)
+        log.info("data.train_fraction=%g: %d of %d private samples", cfg.train_fraction,
+                 len(keep), len(src.train_labels))
+        src = dataclasses.replace(src, train_images=src.train_images[keep],
+                                  train_labels=src.train_labels[keep],
+                                  keys=None if src.keys is None else src.keys[keep])
     parts = partition(src.train_labels, cfg.num_clients, cfg.partition, seed, alpha=cfg.alpha,
                       min_size=cfg.min_client_size, keys=src.keys)
-    mean, std = norm_stats(src)
 
     # Step 2: write the shards (each atomically), dropping stale client files of an old attempt
     client_dir = out / CLIENT_DIR

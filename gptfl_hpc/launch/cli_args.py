@@ -52,7 +52,8 @@ def add_launch_args(p: argparse.ArgumentParser, name: str) -> None:
         p.add_argument("--ranks", default="2,4",
                        help="comma-separated MPI rank counts, each >= 2 (default 2,4)")
         p.add_argument("--mode", choices=("strong", "weak"), default="strong",
-                       help="strong: fixed totals; weak: clients proportional to client ranks")
+                       help="strong: fixed totals; weak: clients and private data proportional to "
+                            "client ranks (fixed work per client rank)")
         p.add_argument("--cluster", choices=("local", "slurm"), default="local",
                        help="local: mpiexec -n R here; slurm: one submitit job per rank count")
         p.add_argument("--timeout", type=float, default=3600.0,

@@ -6,7 +6,11 @@ the number of CLIENT ranks, (R-1)/(R0-1) relative to the smallest rank count R0.
 * strong: the config's totals are kept (data.num_clients, fl.clients_per_round), so every rank
   count trains the same sampled clients on the same shards each round;
 * weak: totals grow with the client ranks: num_clients and clients_per_round are the config's
-  values times (R-1)/(R0-1), i.e. fixed clients per client rank.
+  values times k = (R-1)/(R0-1), i.e. fixed clients per client rank. The private pool grows
+  with them (data.train_fraction = k / k_max, a nested class-stratified subset; the whole pool
+  at the largest R), so every client holds the same amount of data at every R and the work per
+  client rank stays fixed, which is what weak scaling measures. Without that, a fixed dataset
+  split among more clients would shrink each client and the work per rank with it.
 
 Both modes use one definition: throughput = client samples trained per second (num_samples
 over the server's wall-clock time between round ends, round 1 excluded as warm-up when there
@@ -40,8 +44,8 @@ log = logging.getLogger(__name__)
 MODES = ("strong", "weak")
 # runner(ranks, overrides, run_dir) -> None; must leave run_dir/metrics.jsonl behind
 Runner = Callable[[int, list[str], Path], None]
-COLUMNS = ("ranks", "client_ranks", "num_clients", "clients_per_round", "rounds_timed",
-           "t_wall", "t_round", "t_client", "t_comm", "t_server", "t_idle", "samples_per_s",
+COLUMNS = ("ranks", "client_ranks", "num_clients", "clients_per_round", "samples_per_client",
+           "rounds_timed", "t_wall", "t_round", "t_client", "t_comm", "t_server", "t_idle", "samples_per_s",
            "speedup", "ideal", "efficiency")
 
 
@@ -75,6 +79,7 @@ def plan(cfg, ranks: Sequence[int], mode: str, data_root: Path) -> list[Point]:
     if mode not in MODES:
         raise ConfigError(f"--mode {mode!r}: unknown; valid: {', '.join(MODES)}")
     base = min(ranks) - 1
+    k_max = (max(ranks) - 1) / base
     points = []
     for r in ranks:
         k = (r - 1) / base if mode == "weak" else 1.0
@@ -84,10 +89,14 @@ def plan(cfg, ranks: Sequence[int], mode: str, data_root: Path) -> list[Point]:
             raise ConfigError(f"--ranks {r}: {r - 1} client ranks but data.num_clients={nc}; "
                               f"valid: ranks <= num_clients + 1 (raise data.num_clients or use "
                               "--mode weak)")
-        # weak scaling changes num_clients, so it always partitions into its own directories
-        data_dir = (cfg.data.dir if cfg.data.dir and mode == "strong"
-                    else str(data_root / f"data-c{nc}"))
-        over = (f"data.num_clients={nc}", f"fl.clients_per_round={cpr}", f"data.dir={data_dir}")
+        if mode == "strong":
+            data_dir = cfg.data.dir or str(data_root / f"data-c{nc}")
+            over = (f"data.num_clients={nc}", f"fl.clients_per_round={cpr}",
+                    f"data.dir={data_dir}")
+        else:  # its own partition per rank count: more clients over a larger share of the pool
+            frac = cfg.data.train_fraction * k / k_max
+            over = (f"data.num_clients={nc}", f"fl.clients_per_round={cpr}",
+                    f"data.train_fraction={frac:.6g}", f"data.dir={data_root / f'data-r{r}'}")
         points.append(Point(r, nc, cpr, over))
     return points
 
@@ -121,8 +130,10 @@ def summarize(point: Point, rows: list[dict]) -> dict:
     else:
         elapsed = sum(float(r["t_round"]) for r in timed)
     samples = sum(int(r["num_samples"]) for r in timed)
+    trained = sum(int(r.get("clients_ok", point.clients_per_round)) for r in timed)
     return {"ranks": point.ranks, "client_ranks": point.ranks - 1,
             "num_clients": point.num_clients, "clients_per_round": point.clients_per_round,
+            "samples_per_client": samples / trained if trained else float("nan"),
             "rounds_timed": len(timed), "t_wall": elapsed / len(timed),
             "t_round": mean("t_round"), "t_client": mean("t_client"),
             "t_comm": mean("t_comm"), "t_server": mean("t_server"), "t_idle": mean("t_idle"),
@@ -172,7 +183,8 @@ def write_reports(rows: list[dict], out: Path, *, mode: str, config: str,
     for r in rows:
         w.writerow({k: r[k] for k in COLUMNS})
     write_text(out / "scaling.csv", buf.getvalue())
-    heads = ["ranks", "client ranks", "clients", "per round", "rounds", "wall/round s",
+    heads = ["ranks", "client ranks", "clients", "per round", "samples/client", "rounds",
+             "wall/round s",
              "t_round s",
              "t_client s", "t_comm s", "t_server s", "t_idle s", "samples/s", "speedup",
              "ideal", "efficiency"]
