@@ -437,3 +437,23 @@ def test_mpich_with_srun_pmi2(job_env, mpich, data_dir, shape, tmp_path):
     if "multi" in shape:
         assert_two_node_placement(summary, per_node=2)
     print(f"MPICH srun --mpi=pmi2 {' '.join(shape)}: {time.monotonic() - t0:.0f}s")
+
+
+@pytest.mark.timeout(150)
+def test_submitit_wrong_mpi_type_fails_not_singletons(job_env, data_dir, tmp_path, monkeypatch):
+    """submit(mpi="none"): srun starts 3 singletons; each refuses, and the job is reported
+    failed with the app's one-line error instead of 3 copies of the run."""
+    from gptfl_hpc.launch import submit
+    from gptfl_hpc.launch.jobs import JobFailed, rank0_result
+
+    for k, v in job_env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SLURM_MPI_TYPE", raising=False)
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    job = submit(TINY, out, command="federate", cluster="slurm", tasks_per_node=3, time="10",
+                 mpi="none", overrides=[f"data.dir={data_dir}", "fl.rounds=2"])
+    with pytest.raises(JobFailed, match=r"MPI world size 1 != SLURM_NTASKS 3"):
+        rank0_result(job)
+    assert not (out / "metrics.jsonl").exists() and not (out / "summary.json").exists()
+    print(f"submitit --mpi=none refused: {time.monotonic() - t0:.0f}s")
