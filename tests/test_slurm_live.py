@@ -417,12 +417,9 @@ def mpich(job_env):
 @pytest.mark.parametrize("shape", [["-n", "3"], ["-p", "multi", "-N", "2",
                                                  "--ntasks-per-node=2"]],
                          ids=["1node-3ranks", "2nodes-2x2ranks"])
-def test_mpich_with_srun_pmi2(job_env, mpich, data_dir, shape, tmp_path):
+def test_mpich_with_srun_pmi2(job_env, mpich, data_dir, shape, tmp_path, request):
     if "multi" in shape:
-        p = subprocess.run(["sinfo", "-h", "-p", "multi", "-o", "%D"], capture_output=True,
-                           text=True, timeout=30)
-        if not p.stdout.strip().isdigit() or int(p.stdout) < 2:
-            pytest.skip("no partition 'multi' with 2 nodes (SLURM_CI_NODES=2 slurm-up.sh)")
+        request.getfixturevalue("two_nodes")  # skips without a second node
     out, log = tmp_path / "out", tmp_path / "job.log"
     t0 = time.monotonic()
     jid = sbatch(job_env, log, *shape, "slurm/gptfl.sbatch",

@@ -64,13 +64,13 @@ class LocalComm:
     local_rank = 0
     local_size = 1
     library = "none (one process, no MPI)"
+    is_mpi = False
+    last_wait = 0.0
+    last_xfer = 0.0
 
     @property
     def node(self) -> str:
         return local_placement([node_key()], 0)[0]
-    is_mpi = False
-    last_wait = 0.0
-    last_xfer = 0.0
 
     def barrier(self) -> None:
         pass

@@ -240,10 +240,10 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
                  cfg.model.name, global_model.num_params, global_model.numel * 4 / 1e6,
                  imbalance(sizes, owner))
         nodes = sorted({p["node"] for p in placement})
+        where = "; ".join(f"r{p['rank']}@{p['node']}/{p['local_rank']} {p['device']} "
+                          f"x{p['threads']}" for p in placement)
         log.info("placement (%s): %d node(s) %s; %s", comm.library, len(nodes), ",".join(nodes),
-                 "; ".join(
-            f"r{p['rank']}@{p['node']}/{p['local_rank']} {p['device']} x{p['threads']}"
-            for p in placement))
+                 where)
     start_round = int(comm.bcast_json(start_round))
     comm.bcast_(global_model.numpy())  # everyone starts from the server's weights
 

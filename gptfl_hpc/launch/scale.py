@@ -45,8 +45,8 @@ MODES = ("strong", "weak")
 # runner(ranks, overrides, run_dir) -> None; must leave run_dir/metrics.jsonl behind
 Runner = Callable[[int, list[str], Path], None]
 COLUMNS = ("ranks", "client_ranks", "num_clients", "clients_per_round", "samples_per_client",
-           "rounds_timed", "t_wall", "t_round", "t_client", "t_comm", "t_server", "t_idle", "samples_per_s",
-           "speedup", "ideal", "efficiency")
+           "rounds_timed", "t_wall", "t_round", "t_client", "t_comm", "t_server", "t_idle",
+           "samples_per_s", "speedup", "ideal", "efficiency")
 
 
 def parse_ranks(text: str | Sequence[int], nodes: int = 1) -> list[int]:
@@ -184,10 +184,8 @@ def write_reports(rows: list[dict], out: Path, *, mode: str, config: str,
         w.writerow({k: r[k] for k in COLUMNS})
     write_text(out / "scaling.csv", buf.getvalue())
     heads = ["ranks", "client ranks", "clients", "per round", "samples/client", "rounds",
-             "wall/round s",
-             "t_round s",
-             "t_client s", "t_comm s", "t_server s", "t_idle s", "samples/s", "speedup",
-             "ideal", "efficiency"]
+             "wall/round s", "t_round s", "t_client s", "t_comm s", "t_server s", "t_idle s",
+             "samples/s", "speedup", "ideal", "efficiency"]
     lines = [f"# Scaling ({mode}): gptfl-hpc federate {config} {' '.join(overrides)}".rstrip(),
              "",
              f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node()} "
