@@ -95,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace, cfg) -> int | None:
     out = Path(args.out) if args.out else None
     cmd = args.command
+    if cmd not in ("submit", "scale", "render-slurm"):
+        # on every rank from the start: a rank idle during the server phase (clients wait while
+        # rank 0 synthesises) must not die of Slurm's USR1/TERM; it keeps the stop request
+        # for its next safe boundary, as the busy ranks do
+        from gptfl_hpc import signals
+
+        signals.install()
     if cmd == "prepare":
         from gptfl_hpc.data.prepare import prepare_data
 

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
+from helpers import PY, run_cli
 from safetensors.torch import load_file
 
 TINY = "configs/tiny.yaml"
@@ -72,5 +72,84 @@ def test_preempted_everywhere_resumes_bitwise(reference, tmp_path):
               "generator/unet/diffusion_pytorch_model.safetensors"):
         x, y = load_file(str(ref / f)), load_file(str(out / f))
         assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), (f, k)
+
+
+def _tagged_ranks(tag: str) -> list[int]:
+    """PIDs of the gptfl_hpc rank processes whose environment carries `tag` (not the launcher)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        argv = cmdline.split(b"\0")
+        if f"GPTFL_SIGNAL_TAG={tag}".encode() in environ.split(b"\0") and \
+                argv[0] == PY.encode() and b"gptfl_hpc" in argv:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.timeout(600)
+def test_real_signals_in_every_phase_resume_bitwise(reference, tmp_path):
+    """Slurm's warning signal (USR1) or SIGTERM delivered to every rank, as srun does, at the
+    start of each phase: the ranks stop at the next safe boundary with exit code 124 and the
+    reruns end bitwise-identical to the uninterrupted run (signals, not GPTFL_STOP_AFTER)."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import uuid
+
+    from helpers import MPIEXEC, REPO, env
+
+    ref, _ = reference
+    out = tmp_path / "run"
+    cmd = [MPIEXEC, "-n", "3", PY, "-m", "mpi4py", "-m", "gptfl_hpc", "run", TINY, "--out",
+           str(out)]
+    phases = [("training the embedded generator", signal.SIGUSR1),
+              ("synthesis: ", signal.SIGTERM), ("pretrain: ", signal.SIGUSR1),
+              ("federate: ", signal.SIGTERM)]
+    stopped = []
+    for marker, sig in phases:
+        tag = uuid.uuid4().hex
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env(GPTFL_SIGNAL_TAG=tag), text=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        lines = []
+        try:
+            deadline = time.monotonic() + 240
+            for line in proc.stderr:  # rank 0 logs each phase's start
+                lines.append(line)
+                if marker in line:
+                    break
+                assert time.monotonic() < deadline, f"no {marker!r} after 240 s"
+            else:
+                pytest.fail(f"run ended before {marker!r}:\n{''.join(lines)[-3000:]}")
+            ranks = _tagged_ranks(tag)
+            assert len(ranks) == 3, ranks
+            for pid in ranks:
+                os.kill(pid, sig)
+            lines += proc.stderr.readlines()
+            rc = proc.wait(timeout=240)
+        finally:
+            proc.kill()
+            proc.wait(timeout=30)
+        text = "".join(lines)
+        assert rc == PREEMPTED, (marker, rc, text[-3000:])
+        assert sig.name in text, (marker, text[-3000:])
+        stopped.append(next(ln.split("] ", 1)[-1].strip() for ln in reversed(lines)
+                            if sig.name in ln))
+    print("stops:", *stopped, sep="\n  ")
+    run_cli(["run", TINY, "--out", out], n=3, timeout=300)
+    a, b = _arrays(ref / "synthetic.h5"), _arrays(out / "synthetic.h5")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    for f in ("pretrained.safetensors", "gptfl/final.safetensors", "fedavg/final.safetensors",
+              "generator/unet/diffusion_pytorch_model.safetensors"):
+        x, y = load_file(str(ref / f)), load_file(str(out / f))
         for k in x:
             assert torch.equal(x[k], y[k]), (f, k)
