@@ -140,6 +140,30 @@ def test_sbatch_template_runs_federate_on_three_ranks(reference):
 
 
 @pytest.mark.timeout(300)
+def test_sbatch_as_written_runs_the_embedded_demo(job_env, tmp_path):
+    """`sbatch slurm/gptfl.sbatch` with no variables (only the log moved out of the repo): the
+    whole GPT-FL demo on 4 tasks, into the default OUT=runs/slurm-$SLURM_JOB_ID."""
+    log = tmp_path / "demo.log"
+    t0 = time.monotonic()
+    jid = sbatch(job_env, log, "slurm/gptfl.sbatch")
+    out = REPO / "runs" / f"slurm-{jid}"
+    try:
+        info = wait_job(jid, 280, log)
+        text = log.read_text()
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text[-3000:]
+        assert info["NumTasks"] == "4", info
+        report = json.loads((out / "report.json").read_text())
+        acc = {r["method"]: r["final_accuracy"] for r in report["rows"]}
+        assert set(acc) == {"gptfl", "fedavg", "synthetic_only"}
+        assert acc["gptfl"] > 0.9 and acc["gptfl"] > acc["fedavg"] + 0.3, acc
+        assert (out / "report.md").is_file() and (out / "accuracy.png").is_file()
+        print(f"sbatch slurm/gptfl.sbatch (demo, 4 tasks): {time.monotonic() - t0:.0f}s, "
+              f"final accuracy {acc}")
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
 def test_preempted_job_requeues_and_resumes_to_identical_weights(job_env, data_dir, reference,
                                                                  tmp_path):
     ref_out = reference[0]
