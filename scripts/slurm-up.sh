@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Bring up a single-node Slurm on this Debian 12 machine, as root, non-interactively, for the
-# project's live tests (tests/test_slurm_live.py) and for trying the templates in slurm/.
+# Bring up a local Slurm (this host + emulated nodes) on this Debian 12 machine, as root,
+# non-interactively, for the project's live tests (tests/test_slurm_live.py) and for trying the
+# templates in slurm/.
 #
 #   munged -> MariaDB -> slurmdbd (accounting, so sacct and submitit see failed jobs)
 #          -> slurmctld -> one slurmd per node

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's test command: install everything (venv, MPI wheels, a local single-node Slurm)
+# The README's test command: install everything (venv, MPI wheels, a local Slurm cluster)
 # and run the whole test suite. MPI tests run under mpiexec -n 1 / -n 3 with hard timeouts.
 #
 # Slurm: when root with apt-get, scripts/slurm-up.sh installs and starts slurmctld/slurmd/munge/
