@@ -19,6 +19,6 @@ stop() {  # stop NAME: SIGTERM the recorded PID, wait up to 15 s, then SIGKILL
 }
 stopped=()
 sleep 1   # let slurmd reap the cancelled steps
-for f in "$RUN"/slurmd*.pid; do [ -e "$f" ] && stop "$(basename "$f" .pid)"; done  # one per node
+for f in "$RUN"/slurmd.pid "$RUN"/slurmd-*.pid; do [ -e "$f" ] && stop "$(basename "$f" .pid)"; done  # one per node
 for d in slurmctld slurmdbd mariadbd munged; do stop "$d"; done
 echo "slurm-down: stopped ${stopped[*]:-nothing}"

@@ -68,7 +68,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     tail -20 "$LOG/slurm-up-apt.log" >&2; die "apt-get install ${missing[*]} failed"
   fi
   # daemons started by an earlier run must restart to see the new packages
-  for f in "$RUN"/slurmd*.pid; do [ -e "$f" ] && stop_ours "$(basename "$f" .pid)"; done
+  for f in "$RUN"/slurmd.pid "$RUN"/slurmd-*.pid; do [ -e "$f" ] && stop_ours "$(basename "$f" .pid)"; done
   for d in slurmctld slurmdbd; do stop_ours "$d"; done
 fi
 id slurm >/dev/null 2>&1 || die "user 'slurm' missing (created by the slurm packages)"
@@ -197,7 +197,7 @@ fi
 if [ "$old_conf" != "$(cat /etc/slurm/slurm.conf)" ]; then
   # some settings (cred_expire) need a restart; daemons we did not start get a reconfigure
   if running slurmctld; then
-    for f in "$RUN"/slurmd*.pid; do [ -e "$f" ] && stop_ours "$(basename "$f" .pid)"; done
+    for f in "$RUN"/slurmd.pid "$RUN"/slurmd-*.pid; do [ -e "$f" ] && stop_ours "$(basename "$f" .pid)"; done
     stop_ours slurmctld
   elif scontrol ping 2>/dev/null | grep -q UP; then scontrol reconfigure; fi
 fi
