@@ -44,7 +44,7 @@ def server_threads(comm, requested: int = 0) -> None:
 
     from gptfl_hpc.fl.engine import cores_per_rank
 
-    torch.set_num_threads(cores_per_rank(min(comm.local_size, server_count(comm, requested))))
+    torch.set_num_threads(cores_per_rank(min(comm.cpu_sharers, server_count(comm, requested))))
 
 
 def server_count(comm, requested: int = 0) -> int:

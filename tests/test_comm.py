@@ -62,3 +62,18 @@ def test_gpu_binding_uses_the_node_local_rank(monkeypatch, local_rank, gpus, wan
     assert str(fl_device(cfg.run, comm)) == want
     cpu = load_config(REPO / "configs/tiny.yaml", ["run.device=cpu"])
     assert str(fl_device(cpu.run, comm)) == "cpu"
+
+
+@pytest.mark.parametrize("cpus,sharers,threads", [
+    (16, 16, 1),   # unbound, 16 ranks on a 16-core node
+    (16, 4, 4),    # unbound, 4 ranks
+    (4, 1, 4),     # srun --cpus-per-task=4 with task binding: each rank its own 4 cores
+    (8, 8, 1),     # Open MPI's default above 2 ranks: bound per socket, 8 ranks on 8 cores
+    (2, 3, 1),     # more ranks than cores: at least one thread
+])
+def test_torch_threads_share_the_bound_cpus(monkeypatch, cpus, sharers, threads):
+    import gptfl_hpc.dist.comm as comm
+    from gptfl_hpc.fl.engine import cores_per_rank
+
+    monkeypatch.setattr(comm, "cpu_affinity", lambda: list(range(cpus)))
+    assert cores_per_rank(sharers) == threads

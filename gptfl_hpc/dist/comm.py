@@ -45,6 +45,14 @@ def node_key() -> list[str]:
     return [socket.gethostname(), os.environ.get("SLURMD_NODENAME", "")]
 
 
+def cpu_affinity() -> list[int]:
+    """The CPUs this process may run on (all of them when nothing bound it)."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
 def local_placement(keys: list, rank: int) -> tuple[str, int, int]:
     """(node name, node-local rank, ranks on the node) of `rank` from every rank's node_key().
 
@@ -64,6 +72,7 @@ class LocalComm:
     local_rank = 0
     local_size = 1
     library = "none (one process, no MPI)"
+    cpu_sharers = 1
     is_mpi = False
     last_wait = 0.0
     last_xfer = 0.0
@@ -119,8 +128,12 @@ class MPIComm:
         self.comm = comm if comm is not None else MPI.COMM_WORLD
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
+        keys = self.allgather_json([node_key(), cpu_affinity()])
         self.node, self.local_rank, self.local_size = local_placement(
-            self.allgather_json(node_key()), self.rank)
+            [k[0] for k in keys], self.rank)
+        # ranks of this node bound to exactly this rank's CPUs (all of the node's ranks when
+        # unbound, 1 under per-task binding, the ranks of a socket under socket binding)
+        self.cpu_sharers = keys.count(keys[self.rank])
         # "Open MPI v5.0.11", "MPICH Version: 5.0.2": which MPI mpi4py loaded
         self.library = " ".join(MPI.Get_library_version().splitlines()[0].split(",")[0].split())
 

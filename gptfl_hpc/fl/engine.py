@@ -42,19 +42,18 @@ log = logging.getLogger(__name__)
 S_WEIGHT, S_SQNORM, S_LOSS, S_OK, S_DROPPED, S_STOP, S_RANKTIME = range(7)
 
 
-def cores_per_rank(ranks_on_node: int) -> int:
-    """Cores this process may use: its CPU affinity (Slurm/MPI binding) or a fair share."""
-    try:
-        mine = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        mine = os.cpu_count() or 1
-    if mine >= (os.cpu_count() or 1):  # unbound: share the node with the other ranks
-        mine //= max(ranks_on_node, 1)
-    return max(1, mine)
+def cores_per_rank(sharers: int) -> int:
+    """torch threads of this process: the CPUs it may run on (the node when unbound, or what
+    Slurm/MPI bound it to) shared fairly among the `sharers` working processes bound to the same
+    CPUs. Without the division, ranks bound per socket (Open MPI's default above 2 ranks) would
+    each start a socket's worth of threads."""
+    from gptfl_hpc.dist.comm import cpu_affinity
+
+    return max(1, len(cpu_affinity()) // max(sharers, 1))
 
 
 def setup_threads(run_cfg, comm) -> None:
-    torch.set_num_threads(run_cfg.threads or cores_per_rank(comm.local_size))
+    torch.set_num_threads(run_cfg.threads or cores_per_rank(comm.cpu_sharers))
 
 
 def fl_device(run_cfg, comm) -> torch.device:
