@@ -12,8 +12,9 @@ bash scripts/install.sh
 . scripts/mpi-env.sh
 # A second MPI for the live Slurm tests (MPICH under srun --mpi=pmi2), in its own prefix so that
 # it does not replace the venv's Open MPI; mpi4py loads it when MPI4PY_LIBMPI points at it.
-if [ ! -e .venv/mpich/lib/libmpi.so.12 ]; then
-  .venv/bin/python -m pip install -q --prefix .venv/mpich "mpich>=4.2"
+if [ ! -e .venv/mpich/lib/libmpi.so.12 ] && \
+    ! .venv/bin/python -m pip install -q --prefix .venv/mpich "mpich>=4.2"; then
+  echo "[test.sh] could not install the mpich wheel: the MPICH tests will skip" >&2
 fi
 export GPTFL_TEST_MPICH="$PWD/.venv/mpich/lib/libmpi.so.12"
 export OMP_NUM_THREADS=1 PATH="$PWD/.venv/bin:$PATH"
