@@ -42,6 +42,7 @@ def main() -> None:
     assert 0 <= c.local_rank < c.local_size <= n
     # mpiexec on one host: every rank is on this node, node-local rank = world rank
     assert (c.node, c.local_rank, c.local_size) == (socket.gethostname(), r, n)
+    assert c.hosts == [socket.gethostname()] * n
     assert c.cpu_sharers == n  # the tests' mpiexec binds nothing: all ranks share all CPUs
     print(f"comm-ok rank {r}/{n} is_mpi={c.is_mpi}", flush=True)
 

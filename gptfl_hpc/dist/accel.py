@@ -83,8 +83,7 @@ def accelerator(comm: Any, *, device: str = "auto", mixed_precision: str = "no",
     """
     use_cuda = want_cuda(device)
     if comm.size > 1:
-        hosts = comm.allgather_json(socket.gethostname())
-        single_node = len(set(hosts)) == 1
+        single_node = len(set(comm.hosts)) == 1  # gathered when the communicator was made
         addr = comm.bcast_json([_my_address(single_node), _free_port()] if comm.rank == 0
                                else None)
         # node-local rank as computed by the comm layer (Slurm node aware), also picks the GPU

@@ -81,6 +81,10 @@ class LocalComm:
     def node(self) -> str:
         return local_placement([node_key()], 0)[0]
 
+    @property
+    def hosts(self) -> list[str]:
+        return [socket.gethostname()]
+
     def barrier(self) -> None:
         pass
 
@@ -129,6 +133,7 @@ class MPIComm:
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         keys = self.allgather_json([node_key(), cpu_affinity()])
+        self.hosts = [k[0][0] for k in keys]  # every rank's hostname
         self.node, self.local_rank, self.local_size = local_placement(
             [k[0] for k in keys], self.rank)
         # ranks of this node bound to exactly this rank's CPUs (all of the node's ranks when
