@@ -99,6 +99,14 @@ def rounds_written(out: Path) -> int:
     return len(m.read_text().splitlines()) if m.exists() else 0
 
 
+@pytest.fixture
+def submit_env(job_env, monkeypatch):
+    """This process takes the jobs' environment: submitit submits from it (sbatch --export=ALL)."""
+    for k, v in job_env.items():
+        monkeypatch.setenv(k, v)
+    return job_env
+
+
 @pytest.fixture(scope="module")
 def data_dir(job_env, tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm-data") / "data"
@@ -209,12 +217,10 @@ def test_wrong_mpi_type_fails_on_every_task(job_env, data_dir, tmp_path):
 
 
 @pytest.mark.timeout(200)
-def test_submitit_three_rank_job_returns_summary(job_env, data_dir, tmp_path, monkeypatch):
+def test_submitit_three_rank_job_returns_summary(submit_env, data_dir, tmp_path, monkeypatch):
     from gptfl_hpc.launch import submit
 
-    for k, v in job_env.items():
-        monkeypatch.setenv(k, v)
-    for k in [k for k in os.environ if k not in job_env]:
+    for k in [k for k in os.environ if k not in submit_env]:
         monkeypatch.delenv(k)
     out = tmp_path / "out"
     t0 = time.monotonic()
@@ -231,13 +237,11 @@ def test_submitit_three_rank_job_returns_summary(job_env, data_dir, tmp_path, mo
 
 
 @pytest.mark.timeout(150)
-def test_killed_submitit_job_is_reported_failed_not_hung(job_env, data_dir, tmp_path,
+def test_killed_submitit_job_is_reported_failed_not_hung(submit_env, data_dir, tmp_path,
                                                          monkeypatch):
     from gptfl_hpc.launch import submit
     from gptfl_hpc.launch.jobs import JobFailed, rank0_result
 
-    for k, v in job_env.items():
-        monkeypatch.setenv(k, v)
     out = tmp_path / "out"
     job = submit(TINY, out, command="federate", cluster="slurm", tasks_per_node=3, time="10",
                  overrides=[f"data.dir={data_dir}", "fl.rounds=500"])
@@ -253,13 +257,11 @@ def test_killed_submitit_job_is_reported_failed_not_hung(job_env, data_dir, tmp_
 
 
 @pytest.mark.timeout(300)
-def test_submitit_preemption_checkpoints_requeues_and_resumes(job_env, data_dir, reference,
+def test_submitit_preemption_checkpoints_requeues_and_resumes(submit_env, data_dir, reference,
                                                               tmp_path, monkeypatch):
     from gptfl_hpc.launch import submit
     from gptfl_hpc.launch.jobs import rank0_result
 
-    for k, v in job_env.items():
-        monkeypatch.setenv(k, v)
     out = tmp_path / "out"
     t0 = time.monotonic()
     job = submit(TINY, out, command="federate", cluster="slurm", tasks_per_node=3, time="10",
@@ -461,14 +463,13 @@ def test_mpich_with_srun_pmi2(job_env, mpich, data_dir, shape, tmp_path, request
 
 
 @pytest.mark.timeout(150)
-def test_submitit_wrong_mpi_type_fails_not_singletons(job_env, data_dir, tmp_path, monkeypatch):
+def test_submitit_wrong_mpi_type_fails_not_singletons(submit_env, data_dir, tmp_path,
+                                                      monkeypatch):
     """submit(mpi="none"): srun starts 3 singletons; each refuses, and the job is reported
     failed with the app's one-line error instead of 3 copies of the run."""
     from gptfl_hpc.launch import submit
     from gptfl_hpc.launch.jobs import JobFailed, rank0_result
 
-    for k, v in job_env.items():
-        monkeypatch.setenv(k, v)
     monkeypatch.delenv("SLURM_MPI_TYPE", raising=False)
     out = tmp_path / "out"
     t0 = time.monotonic()
