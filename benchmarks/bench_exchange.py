@@ -7,7 +7,7 @@ For each rank count it launches ``mpiexec -n R python -m mpi4py benchmarks/bench
 
 - ``gptfl``: gptfl-hpc's exchange with its default ``fl.sync=replicated``: ONE in-place
   ``Allreduce`` of the flat buffer that the model's parameters are views of (+ the statistics
-  slots), through ``gptfl_hpc.dist.comm`` (sleepy wait for peers, then the collective);
+  slots), through ``gptfl_hpc.parallel.comm`` (sleepy wait for peers, then the collective);
 - ``gptfl_bcast``: the ``fl.sync=bcast`` variant (Allreduce, server step on rank 0, Bcast);
 - ``raw``: ``Allreduce(IN_PLACE)`` of a preallocated float32 buffer of the same size: the floor;
 - ``flat``: copy the tensors into a contiguous buffer, Allreduce, copy back (anchors.md);
@@ -35,7 +35,7 @@ def worker(reps: int) -> None:
     from mpi4py import MPI
 
     from gptfl_hpc.config import ModelConfig
-    from gptfl_hpc.dist.comm import get_comm
+    from gptfl_hpc.parallel.comm import get_comm
     from gptfl_hpc.fl.params import FlatModel, host_buffer
     from gptfl_hpc.train.models import build_model
 

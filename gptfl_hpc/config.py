@@ -12,6 +12,7 @@ This module depends on the standard library and pyyaml only.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -27,13 +28,25 @@ ALGORITHMS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"
 
 frozen = dataclass(frozen=True, kw_only=True, slots=True)
 
+MAX_INT = 2**31 - 1
+"""Largest integer any config key accepts (run.seed: 2**63 - 1)."""
+MAX_BATCH = 2**20
+"""Largest batch size or per-call sample count any config key accepts."""
+MAX_NESTING = 16
+"""Deepest mapping/list nesting a config file may have (the schema needs 4)."""
+
 
 @frozen
 class RunConfig:
     seed: int = 0
-    """Base seed; every other seed derives from (seed, purpose, client/class, round/index)."""
+    """Base seed (0 <= seed < 2**63); every other seed derives from (seed, purpose, ids...)."""
     threads: int = 0
-    """torch intra-op threads per rank; 0 = cores on the node / ranks on the node (at least 1)."""
+    """torch intra-op threads per rank; 0 = automatic (the rank's share of its CPUs; see
+    README "Threads"). With cpu_kernels=invariant the results do not depend on it."""
+    cpu_kernels: Literal["invariant", "fast"] = "invariant"
+    """invariant: CPU training kernels whose results do not depend on the thread count, so 1
+    and N ranks (1 and N nodes) train the same weights; fast: oneDNN/NNPACK convolutions
+    (faster ResNets on CPU, results depend on the threads per rank). See gptfl_hpc/numerics.py."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: a GPU when one is visible. The server ranks synthesise and pretrain there; FL
     workers train (and the server evaluates) on their node-local GPU."""
@@ -44,7 +57,8 @@ class RunConfig:
     node (1 on CPU). The other ranks wait (sleeping) until the FL stage."""
 
     def __post_init__(self) -> None:
-        _check(self.threads >= 0, "run.threads", self.threads, ">= 0")
+        _check(0 <= self.seed < 2**63, "run.seed", self.seed, "0 <= seed < 2**63")
+        _check(0 <= self.threads <= 4096, "run.threads", self.threads, "0 (auto) .. 4096")
         _check(self.server_processes >= 0, "run.server_processes", self.server_processes, ">= 0")
         bad = [m for m in self.methods if m not in ("gptfl", "fedavg", "synthetic_only")]
         _check(not bad and self.methods, "run.methods", self.methods,
@@ -157,6 +171,9 @@ class FLConfig:
         for key in ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every",
                     "eval_batch_size", "checkpoint_every", "keep_checkpoints"):
             _check(getattr(self, key) >= 1, f"fl.{key}", getattr(self, key), ">= 1")
+        for key in ("batch_size", "eval_batch_size"):
+            _check(getattr(self, key) <= MAX_BATCH, f"fl.{key}", getattr(self, key),
+                   f"1 .. {MAX_BATCH}")
         _check(self.client_lr > 0, "fl.client_lr", self.client_lr, "> 0")
         _check(self.server_lr > 0, "fl.server_lr", self.server_lr, "> 0")
         _check(0 <= self.client_momentum < 1, "fl.client_momentum", self.client_momentum, "[0, 1)")
@@ -193,7 +210,8 @@ class GenTrainConfig:
         _check(bool(self.block_out_channels) and all(c >= 1 for c in self.block_out_channels),
                "gen.train.block_out_channels", self.block_out_channels,
                "a non-empty list of positive ints, e.g. [32, 64]")
-        _check(self.batch_size >= 1, "gen.train.batch_size", self.batch_size, ">= 1")
+        _check(1 <= self.batch_size <= MAX_BATCH, "gen.train.batch_size", self.batch_size,
+               f"1 .. {MAX_BATCH}")
         _check(self.lr > 0, "gen.train.lr", self.lr, "> 0")
         _check(0 <= self.ema_decay < 1, "gen.train.ema_decay", self.ema_decay, "[0, 1)")
         _check(0 <= self.cond_dropout < 1, "gen.train.cond_dropout", self.cond_dropout, "[0, 1)")
@@ -240,7 +258,8 @@ class GenConfig:
         _check(self.volume > 0, "gen.volume", self.volume, "> 0")
         _check(self.count is None or self.count >= 1, "gen.count", self.count, ">= 1 or null")
         _check(self.steps >= 1, "gen.steps", self.steps, ">= 1")
-        _check(self.batch_size >= 1, "gen.batch_size", self.batch_size, ">= 1")
+        _check(1 <= self.batch_size <= MAX_BATCH, "gen.batch_size", self.batch_size,
+               f"1 .. {MAX_BATCH}")
         _check(bool(self.templates) and all("{label}" in t for t in self.templates),
                "gen.templates", self.templates, "a non-empty list of strings containing {label}")
         _check(self.prompt_mode == "multi_domain" or not any("{domain}" in t
@@ -249,8 +268,8 @@ class GenConfig:
                "{domain} placeholders only with gen.prompt_mode=multi_domain")
         _check(self.prompt_mode != "multi_domain" or bool(self.domains), "gen.domains",
                self.domains, "a non-empty list of strings with gen.prompt_mode=multi_domain")
-        _check(self.micro_batch is None or self.micro_batch >= 1, "gen.micro_batch",
-               self.micro_batch, ">= 1 or null")
+        _check(self.micro_batch is None or 1 <= self.micro_batch <= MAX_BATCH,
+               "gen.micro_batch", self.micro_batch, f"1 .. {MAX_BATCH} or null")
 
 
 @frozen
@@ -278,6 +297,8 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size"):
             _check(getattr(self, key) >= 1, f"pretrain.{key}", getattr(self, key), ">= 1")
+        _check(self.batch_size <= MAX_BATCH, "pretrain.batch_size", self.batch_size,
+               f"1 .. {MAX_BATCH}")
         _check(self.lr > 0, "pretrain.lr", self.lr, "> 0")
         _check(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.momentum < 1, "pretrain.momentum", self.momentum, "[0, 1)")
@@ -408,9 +429,16 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            limit = 2**63 - 1 if key == "run.seed" else MAX_INT
+            if abs(value) > limit:
+                raise ConfigError(f"config key {key}: invalid value {value!r}; valid: an "
+                                  f"integer of magnitude <= {limit}")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(float(value)):
+                raise ConfigError(f"config key {key}: invalid value {value!r}; valid: a finite "
+                                  "number")
             return float(value)
     elif tp is str:
         if isinstance(value, str):
@@ -430,52 +458,122 @@ def _build(cls: Any, raw: dict, prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _parse_scalar(text: str) -> Any:
+def _parse_scalar(text: str, key: str) -> Any:
     import yaml
 
+    too_deep = ConfigError(f"override {key}: value nested too deeply; valid: a scalar or a list")
     try:
-        return yaml.safe_load(text)
+        value = yaml.load(text, Loader=_strict_loader())  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError:
         return text
+    except RecursionError:
+        raise too_deep from None
+    if _depth(value, MAX_NESTING) > MAX_NESTING:
+        raise too_deep
+    return value
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars/lists) to a raw dict."""
+    seen: set[str] = set()
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, "
                               "e.g. fl.rounds=50")
         key, _, text = item.partition("=")
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted key, "
+                              "e.g. fl.rounds=50")
+        if key.strip() in seen:
+            raise ConfigError(f"override {key.strip()}: given twice; valid: each key once")
+        seen.add(key.strip())
         node = raw
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {item!r}: {p} is not a section")
             node = nxt
-        node[parts[-1]] = _parse_scalar(text)
+        node[parts[-1]] = _parse_scalar(text, key.strip())
     return raw
 
 
+def _strict_loader() -> Any:
+    """yaml.SafeLoader that refuses duplicate keys (PyYAML keeps the last one silently)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: Any, node: Any, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"config key {key}: defined twice (lines {seen[key]} and "
+                                  f"{line}); valid: each key once per section")
+            seen[key] = line
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 construct_mapping)
+    return StrictLoader
+
+
+def _depth(obj: Any, limit: int) -> int:
+    stack, deepest = [(obj, 1)], 0
+    while stack:
+        node, d = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > limit:
+                return deepest
+            stack.extend((v, d + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
 def load_raw(path: str | os.PathLike | None) -> dict:
+    """Read a YAML config strictly: UTF-8, no duplicate keys, bounded nesting, a mapping."""
     import yaml
 
     if path is None:
         return {}
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        raise ConfigError(f"config file {p}: is a directory; valid: a YAML file such as "
+                          "configs/digits.yaml")
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+        with open(p, "rb") as f:
+            data = f.read((1 << 20) + 1)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path}: not found") from None
+        raise ConfigError(f"config file {p}: not found") from None
+    except OSError as e:
+        raise ConfigError(f"config file {p}: cannot read ({e.strerror})") from None
+    if len(data) > 1 << 20:
+        raise ConfigError(f"config file {p}: larger than 1 MiB; valid: a YAML config")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p}: not UTF-8 text (byte {e.start}); valid: a UTF-8 "
+                          "YAML file") from None
+    try:
+        raw = yaml.load(text, Loader=_strict_loader())  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
-        raise ConfigError(f"config file {path}:{where} is not valid YAML") from None
+        raise ConfigError(f"config file {p}:{where} is not valid YAML") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p}: nested too deeply; valid: at most {MAX_NESTING} "
+                          "levels") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"config file {path}: top level must be a mapping of sections "
+        raise ConfigError(f"config file {p}: top level must be a mapping of sections "
                           + ", ".join(f.name for f in dataclasses.fields(Config)))
+    if _depth(raw, MAX_NESTING) > MAX_NESTING:
+        raise ConfigError(f"config file {p}: nested more than {MAX_NESTING} levels deep; "
+                          "valid: sections of key: value pairs")
     return raw
 
 

@@ -27,6 +27,11 @@ class ModelError(GptflError):
     """Unknown model name, missing generator directory, shape that does not fit the model."""
 
 
+class StaleOutputError(GptflError):
+    """An output (or partial state) in --out was made for another request, or cannot be proven
+    to match this one: it is never reused, mixed or overwritten silently."""
+
+
 class Preempted(GptflError):
     """Raised at a safe boundary after SIGUSR1/SIGTERM; progress has been saved."""
 

@@ -28,20 +28,44 @@ def init_logging(rank: int = 0) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-class JsonlWriter:
-    """Append-only JSON-lines file (rank 0's metrics). Each line is flushed and fsynced."""
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The complete records of a JSON-lines file. A torn last line (a writer killed mid-line)
+    or any other unparseable line is skipped with a warning, never a traceback."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    rows = []
+    for i, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            logging.getLogger(__name__).warning("%s line %d: not a JSON record (torn by a "
+                                                "crash?); ignored", p, i)
+            continue
+        rows.append(row)
+    return rows
 
-    def __init__(self, path: str | Path, truncate_after: int | None = None) -> None:
+
+class JsonlWriter:
+    """Append-only JSON-lines file (rank 0's metrics). Each line is flushed and fsynced.
+
+    ``keep_through=None`` starts a new file; ``keep_through=r`` (resume) keeps only the complete
+    records of rounds <= r and rewrites the file atomically, dropping a torn tail.
+    """
+
+    def __init__(self, path: str | Path, keep_through: int | None = None) -> None:
+        from gptfl_hpc.fsio import write_text
+
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if truncate_after is not None and self.path.exists():
-            # resume: keep only the rounds that the checkpoint covers
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("round", 0) <= truncate_after]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in keep))
-            os.replace(tmp, self.path)
-        elif truncate_after is None and self.path.exists():
+        if keep_through is not None:
+            keep = [r for r in read_jsonl(self.path) if int(r.get("round", 0)) <= keep_through]
+            write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        elif self.path.exists():
             self.path.unlink()
 
     def write(self, record: dict[str, Any]) -> None:

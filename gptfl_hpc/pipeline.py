@@ -103,7 +103,7 @@ _DONE: dict = {}  # stages already checked in this process (chained stages call 
 def stage_prepare(cfg, out: Path, comm=None):
     from gptfl_hpc.data.manifest import Manifest
     from gptfl_hpc.data.prepare import prepare_data
-    from gptfl_hpc.dist.comm import get_comm
+    from gptfl_hpc.parallel.comm import get_comm
 
     comm = comm or get_comm()
     d = data_dir_of(cfg, out)
@@ -116,7 +116,7 @@ def stage_prepare(cfg, out: Path, comm=None):
 
 def stage_train_generator(cfg, out: Path, comm=None) -> Path:
     """The embedded generator, trained on the PUBLIC split only (rank 0)."""
-    from gptfl_hpc.dist.comm import get_comm
+    from gptfl_hpc.parallel.comm import get_comm
 
     comm = comm or get_comm()
     if cfg.gen.generator != "embedded":
@@ -152,7 +152,7 @@ def stage_train_generator(cfg, out: Path, comm=None) -> Path:
 
 
 def _device(cfg) -> str:
-    from gptfl_hpc.dist.accel import want_cuda
+    from gptfl_hpc.parallel.accel import want_cuda
 
     return "cuda" if want_cuda(cfg.run.device) else "cpu"
 
@@ -162,7 +162,7 @@ def synthetic_count(cfg, manifest) -> int:
 
 
 def stage_synthesize(cfg, out: Path, generator: str | None = None, comm=None) -> Path:
-    from gptfl_hpc.dist.comm import get_comm
+    from gptfl_hpc.parallel.comm import get_comm
     from gptfl_hpc.gen.synthesize import synthesize
 
     comm = comm or get_comm()
@@ -183,7 +183,7 @@ def stage_synthesize(cfg, out: Path, generator: str | None = None, comm=None) ->
 
 
 def stage_pretrain(cfg, out: Path, synthetic: str | None = None, comm=None) -> dict:
-    from gptfl_hpc.dist.comm import get_comm
+    from gptfl_hpc.parallel.comm import get_comm
     from gptfl_hpc.train.pretrain import pretrain
 
     comm = comm or get_comm()
@@ -204,7 +204,7 @@ def stage_pretrain(cfg, out: Path, synthetic: str | None = None, comm=None) -> d
 
 
 def stage_federate(cfg, out: Path, name: str, init: str, comm=None) -> dict | None:
-    from gptfl_hpc.dist.comm import get_comm
+    from gptfl_hpc.parallel.comm import get_comm
     from gptfl_hpc.fl.engine import federate, setup_threads
 
     comm = comm or get_comm()
@@ -227,7 +227,7 @@ def stage_federate(cfg, out: Path, name: str, init: str, comm=None) -> dict | No
 # ---- the whole method ----------------------------------------------------------------------
 
 def run_pipeline(cfg, out: str | Path) -> dict | None:
-    from gptfl_hpc.dist.comm import get_comm
+    from gptfl_hpc.parallel.comm import get_comm
 
     comm = get_comm()
     out = Path(out)

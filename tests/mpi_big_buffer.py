@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from gptfl_hpc.dist.comm import get_comm
+from gptfl_hpc.parallel.comm import get_comm
 
 c = get_comm()
 n = 2**29 + 2**20  # 2.004 GiB of float32: past the 2 GiB limit of byte-counted pickled messages

@@ -1,4 +1,4 @@
-"""Size-agnostic checks of gptfl_hpc.dist.comm; run under `mpiexec -n N python -m mpi4py`.
+"""Size-agnostic checks of gptfl_hpc.parallel.comm; run under `mpiexec -n N python -m mpi4py`.
 
 Asserts out == f(local, size) for every collective, so it passes at any N (mpi4py demo style).
 """
@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from gptfl_hpc.dist.comm import get_comm
+from gptfl_hpc.parallel.comm import get_comm
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import os
 import sys
 
 from gptfl_hpc.config import ModelConfig, PretrainConfig
-from gptfl_hpc.dist.comm import get_comm
+from gptfl_hpc.parallel.comm import get_comm
 from gptfl_hpc import signals
 from gptfl_hpc.errors import GptflError, Preempted
 from gptfl_hpc.log import init_logging

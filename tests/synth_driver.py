@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
-    from gptfl_hpc.dist.comm import get_comm
+    from gptfl_hpc.parallel.comm import get_comm
     from gptfl_hpc.errors import GptflError
     from gptfl_hpc.gen.synthesize import synthesize
     from gptfl_hpc.log import init_logging

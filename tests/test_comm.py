@@ -29,7 +29,7 @@ def test_buffer_over_2_gib():
 
 
 def test_local_placement_tells_emulated_slurm_nodes_apart():
-    from gptfl_hpc.dist.comm import local_placement
+    from gptfl_hpc.parallel.comm import local_placement
 
     # 2 emulated Slurm nodes on one host (srun -N 2 --ntasks-per-node=2), block distribution
     keys = [["vm", "n2"], ["vm", "n2"], ["vm", "vm"], ["vm", "vm"]]
@@ -72,7 +72,7 @@ def test_gpu_binding_uses_the_node_local_rank(monkeypatch, local_rank, gpus, wan
     (2, 3, 1),     # more ranks than cores: at least one thread
 ])
 def test_torch_threads_share_the_bound_cpus(monkeypatch, cpus, sharers, threads):
-    import gptfl_hpc.dist.comm as comm
+    import gptfl_hpc.parallel.comm as comm
     from gptfl_hpc.fl.engine import cores_per_rank
 
     monkeypatch.setattr(comm, "cpu_affinity", lambda: list(range(cpus)))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from synth_driver import gen_config
 
-from gptfl_hpc.dist.comm import LocalComm
+from gptfl_hpc.parallel.comm import LocalComm
 from gptfl_hpc.errors import ModelError
 from gptfl_hpc.gen.dit import DiTSampler, check_dit, load_dit
 from gptfl_hpc.gen.synthesize import load_sampler, resolve_kind, synthesize

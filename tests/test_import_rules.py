@@ -7,8 +7,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "gptfl_hpc"
 ROOMS = {
-    "mpi4py": {"dist/comm.py"},
-    "accelerate": {"dist/accel.py"},
+    "mpi4py": {"parallel/comm.py"},
+    "accelerate": {"parallel/accel.py"},
     "submitit": {"launch/"},
     "diffusers": {"gen/"},
     "transformers": {"gen/"},

@@ -22,7 +22,7 @@ from gptfl_hpc.config import DataConfig, ModelConfig, PretrainConfig
 from gptfl_hpc.data.manifest import Manifest
 from gptfl_hpc.data.prepare import prepare_data
 from gptfl_hpc.data.shards import read_shard
-from gptfl_hpc.dist.comm import LocalComm
+from gptfl_hpc.parallel.comm import LocalComm
 from gptfl_hpc.errors import ConfigError, DataError, Preempted
 from gptfl_hpc.fsio import load_safetensors
 from gptfl_hpc.train.evaluate import evaluate, macro_f1

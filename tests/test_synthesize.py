@@ -17,7 +17,7 @@ from helpers import PY, REPO, env, run_py
 from synth_driver import LABELS, gen_config, make_tiny_generator
 
 from gptfl_hpc import signals
-from gptfl_hpc.dist.comm import LocalComm
+from gptfl_hpc.parallel.comm import LocalComm
 from gptfl_hpc.errors import ConfigError, DataError, ModelError, Preempted
 from gptfl_hpc.gen.synthesize import parts_dir, synthesize
 

@@ -47,7 +47,7 @@ def cores_per_rank(sharers: int) -> int:
     Slurm/MPI bound it to) shared fairly among the `sharers` working processes bound to the same
     CPUs. Without the division, ranks bound per socket (Open MPI's default above 2 ranks) would
     each start a socket's worth of threads."""
-    from gptfl_hpc.dist.comm import cpu_affinity
+    from gptfl_hpc.parallel.comm import cpu_affinity
 
     return max(1, len(cpu_affinity()) // max(sharers, 1))
 
@@ -62,7 +62,7 @@ def fl_device(run_cfg, comm) -> torch.device:
     The MPI buffers always stay in host memory (no CUDA-aware MPI assumed): a GPU worker copies
     the global weights in once per round and each client's update out once.
     """
-    from gptfl_hpc.dist.accel import want_cuda
+    from gptfl_hpc.parallel.accel import want_cuda
 
     if not want_cuda(run_cfg.device):
         return torch.device("cpu")
@@ -149,7 +149,7 @@ class Checkpoints:
 def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
     """Run federated training; returns the summary on rank 0 (None on other ranks)."""
     from gptfl_hpc.data.shards import read_shard, set_access_rank
-    from gptfl_hpc.dist.comm import get_comm
+    from gptfl_hpc.parallel.comm import get_comm
     from gptfl_hpc.train.evaluate import evaluate
     from gptfl_hpc.train.models import build_model
     from gptfl_hpc.train.transforms import ImageTransform
@@ -232,7 +232,7 @@ def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
 
         write_text(out_dir / "config.yaml", dump_yaml(cfg))
         metrics = JsonlWriter(out_dir / "metrics.jsonl",
-                              truncate_after=start_round - 1 if start_round > 1 else None)
+                              keep_through=start_round - 1 if start_round > 1 else None)
         log.info("federate: %d ranks (%d client workers), %d clients, %d per round, %s, "
                  "model %s (%d params, flat buffer %.1f MB), placement imbalance %.2f",
                  comm.size, len(workers), num_clients, fl.clients_per_round, fl.algorithm,

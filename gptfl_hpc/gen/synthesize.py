@@ -495,7 +495,7 @@ def synthesize(gen_cfg: Any, *, generator_dir: str | Path, label_names: list[str
     GPU nodes). Returns `out_path`. Skips if `out_path` is finished for the same request; resumes
     from `<out_path>.parts/` after a kill; raises Preempted at a batch boundary when asked to stop.
     """
-    from gptfl_hpc.dist.accel import accelerator, want_cuda
+    from gptfl_hpc.parallel.accel import accelerator, want_cuda
 
     signals.install()
     out_path = Path(out_path)

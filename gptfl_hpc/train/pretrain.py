@@ -253,7 +253,7 @@ def pretrain(cfg: PretrainConfig, *, model_cfg: ModelConfig, synthetic_path: str
         seed: base seed (model init, shuffling and augmentation derive from it).
         augment: training augmentation (the FL setting ``fl.augment``, so both phases match).
         device: "auto", "cpu" or "cuda".
-        comm: the processes taking part (a gptfl_hpc.dist.comm communicator); None = the world.
+        comm: the processes taking part (a gptfl_hpc.parallel.comm communicator); None = the world.
 
     Returns:
         The ``pretrained.json`` dict, on every process.
@@ -263,8 +263,8 @@ def pretrain(cfg: PretrainConfig, *, model_cfg: ModelConfig, synthetic_path: str
         saving a checkpoint when a stop was requested at an epoch boundary.
     """
     from gptfl_hpc.data.manifest import Manifest
-    from gptfl_hpc.dist.accel import want_cuda
-    from gptfl_hpc.dist.comm import get_comm
+    from gptfl_hpc.parallel.accel import want_cuda
+    from gptfl_hpc.parallel.comm import get_comm
 
     t_start = time.perf_counter()
     comm = comm if comm is not None else get_comm()
@@ -322,7 +322,7 @@ def pretrain(cfg: PretrainConfig, *, model_cfg: ModelConfig, synthetic_path: str
     test_x, test_y = cache.pop("test_x", None), cache.pop("test_y", None)
 
     # Step 2: model, optimiser, schedule; resume from the checkpoint when it matches
-    from gptfl_hpc.dist.accel import accelerator
+    from gptfl_hpc.parallel.accel import accelerator
     from gptfl_hpc.train.evaluate import evaluate
     from gptfl_hpc.train.models import build_model, num_parameters
     from gptfl_hpc.train.transforms import ImageTransform

@@ -78,7 +78,7 @@ def accelerator(comm: Any, *, device: str = "auto", mixed_precision: str = "no",
                 **kwargs: Any) -> Iterator[Any]:
     """Yield an ``accelerate.Accelerator`` whose processes are exactly the ranks of `comm`.
 
-    `comm` is a gptfl_hpc.dist.comm communicator (a sub-communicator of the server ranks). The
+    `comm` is a gptfl_hpc.parallel.comm communicator (a sub-communicator of the server ranks). The
     master address/port are chosen on comm rank 0 and broadcast through MPI as JSON bytes.
     """
     use_cuda = want_cuda(device)

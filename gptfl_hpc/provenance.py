@@ -1,0 +1,418 @@
+"""Is this output complete, and made from exactly this request? One mechanism for every stage.
+
+Every stage (prepare, generator, synthesize, pretrain, federate) describes what determines its
+result as a :class:`Request`:
+
+* ``config``: the values of the config fields the stage reads, declared once in
+  :data:`STAGE_FIELDS` (a field that changes no result is declared in :data:`NO_EFFECT` with the
+  reason; a field that names a file or directory is declared in :data:`INPUT_FIELDS`, and the
+  *content* digest of what it names enters the request instead of the path);
+* ``inputs``: content digests of what the stage consumes (the prepared data, the public split,
+  the generator, the synthetic set, an init checkpoint, ...);
+* ``derived``: values resolved at run time that change the numbers (e.g. the dtype and device
+  type of synthesis, the synthetic-set size computed from gen.volume).
+
+``tests/test_provenance.py`` enforces that every config field is declared in exactly one of
+those places and that changing it changes exactly the declared stages' fingerprints.
+
+A stage writes its outputs atomically, then its *record* ``<dir>/<stage>.done.json`` (request,
+fingerprint, outputs with their content digests), last: the record is the commit marker.
+:func:`status` answers for a directory and a request:
+
+* ``complete``: a record with the same fingerprint, every output present with its digest;
+* ``absent``: nothing of this stage there (start, or continue partial state of the same request);
+* anything else raises :class:`~gptfl_hpc.errors.StaleOutputError`, naming the keys that differ:
+  outputs are never silently reused, mixed or overwritten.
+
+Partial state (FL and pretraining checkpoints, synthesis parts, generator-training checkpoints)
+stores the same fingerprint and is resumed only when it matches.
+
+Progress targets (only ``fl.rounds`` today) are kept out of the fingerprint when the stage can
+extend a finished run to a larger target without changing the earlier rounds: a 30-round FedAvg
+with a constant client lr can be continued to 50 rounds. With a schedule whose shape depends on the
+number of rounds (cosine) ``fl.rounds`` is part of the identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gptfl_hpc.errors import StaleOutputError
+
+FORMAT = 1
+"""Bump when the meaning of a stage's result changes for the same config."""
+
+STAGES = ("prepare", "generator", "synthesize", "pretrain", "federate")
+
+# Config fields that determine each stage's result ("section.*" = every field of the section;
+# fields listed in INPUT_FIELDS or NO_EFFECT are taken out of a "*" again).
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "prepare": ("run.seed", "data.*"),
+    "generator": ("run.seed", "run.cpu_kernels", "gen.train.*"),
+    "synthesize": ("run.seed", "gen.kind", "gen.prompt_mode", "gen.templates", "gen.domains",
+                   "gen.guidance", "gen.steps", "gen.scheduler", "gen.compile",
+                   "gen.channels_last"),
+    "pretrain": ("run.seed", "run.cpu_kernels", "pretrain.*", "model.*", "fl.augment"),
+    "federate": ("run.seed", "run.cpu_kernels", "model.*", "fl.*"),
+}
+
+INPUT_FIELDS: dict[str, str] = {
+    "data.root": "prepare: content identity of the source files (names, sizes, bytes of small "
+                 "files), not the path",
+    "gen.generator": "synthesize: content fingerprint of the generator directory ('embedded': "
+                     "the generator stage's output)",
+    "gen.expand_prompts": "synthesize: content fingerprint of the prompt-expansion model "
+                          "directory",
+    "fl.init": "federate: content digest of the init checkpoint ('random': none)",
+    "pretrain.init": "pretrain: content digest of the backbone checkpoint (null: none)",
+}
+
+NO_EFFECT: dict[str, str] = {
+    "run.threads": "under run.cpu_kernels=invariant the CPU kernels give the same bits at any "
+                   "thread count (tests/test_numerics.py); with 'fast' they do not (README)",
+    "run.device": "where the stages run; the resolved device type and dtype that change the "
+                  "numbers enter the synthesis request as derived values",
+    "run.methods": "which stages `run` executes; each stage is identified by its own request",
+    "run.server_processes": "pretraining uses the same global batch and augmentation draws at "
+                            "any process count (DDP changes the float summation order only); "
+                            "synthesis is byte-identical for any process count",
+    "data.dir": "where the prepared data lives; its content digest is the downstream input",
+    "gen.batch_size": "the unit of work only: samples are generated in fixed micro-batch calls, "
+                      "byte-identical for any batch size (tests/test_synthesize.py)",
+    "gen.micro_batch": "the call shape; its resolved value enters the synthesis request as a "
+                       "derived value (it changes the last float bits of the samples)",
+    "gen.dtype": "its resolved value (auto -> fp16 on GPU, fp32 on CPU) enters the synthesis "
+                 "request as a derived value",
+    "gen.volume": "together with gen.count it resolves to the number of samples, which enters "
+                  "the synthesis request as a derived value",
+    "gen.count": "see gen.volume",
+    "gen.train.checkpoint_every": "how often training saves; resume is bitwise (tested)",
+    "fl.checkpoint_every": "how often the server saves; resume is bitwise (tested)",
+    "fl.keep_checkpoints": "how many checkpoints are kept",
+    "fl.sync": "replicated and bcast give bit-identical weights (tests/test_federate.py)",
+    "fl.rounds": "a progress target: part of the identity when the client lr schedule depends "
+                 "on it (cosine), otherwise a finished run can be extended",
+    "slurm.*": "how jobs are launched",
+}
+
+RECORD_SUFFIX = ".done.json"
+
+
+# ------------------------------------------------------------------------------ config fields
+
+
+def leaf_fields(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted name -> value of every leaf field of a config dataclass tree."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(leaf_fields(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or (pattern.endswith(".*") and name.startswith(pattern[:-1]))
+
+
+def _declared(name: str, table: Iterable[str]) -> bool:
+    return any(_matches(name, p) for p in table)
+
+
+def stage_fields(stage: str, names: Iterable[str]) -> list[str]:
+    """The config fields (of `names`) whose values enter `stage`'s request."""
+    pats = STAGE_FIELDS[stage]
+    return sorted(n for n in names if _declared(n, pats)
+                  and not (n not in pats and (_declared(n, INPUT_FIELDS)
+                                              or _declared(n, NO_EFFECT))))
+
+
+def progress_target(stage: str, cfg: Any) -> dict[str, int]:
+    """Targets kept out of the identity (a finished run may be extended to a larger one)."""
+    if stage == "federate" and cfg.fl.client_lr_schedule == "constant":
+        return {"rounds": int(cfg.fl.rounds)}
+    return {}
+
+
+# ------------------------------------------------------------------------------ requests
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What determines a stage's result. Its fingerprint identifies it."""
+
+    stage: str
+    config: dict[str, Any]
+    inputs: dict[str, str] = field(default_factory=dict)
+    derived: dict[str, Any] = field(default_factory=dict)
+    progress: dict[str, int] = field(default_factory=dict)
+    """Targets outside the identity (see progress_target)."""
+
+    def identity(self) -> dict[str, Any]:
+        return {"format": FORMAT, "stage": self.stage, "config": self.config,
+                "inputs": self.inputs, "derived": self.derived}
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(canonical(self.identity()).encode()).hexdigest()[:32]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.identity(), "progress": self.progress, "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Request:
+        return cls(stage=d["stage"], config=d.get("config", {}), inputs=d.get("inputs", {}),
+                   derived=d.get("derived", {}), progress=d.get("progress", {}))
+
+    def diff(self, other: dict[str, Any] | Request | None) -> list[str]:
+        """Dotted keys whose values differ from `other` (a Request or its dict)."""
+        if other is None:
+            return ["(no request recorded)"]
+        o = other.identity() if isinstance(other, Request) else dict(other)
+        mine = self.identity()
+        keys: list[str] = []
+        if o.get("format") != mine["format"]:
+            keys.append("format")
+        for part in ("config", "inputs", "derived"):
+            a, b = mine[part], o.get(part) or {}
+            for k in sorted(set(a) | set(b)):
+                if a.get(k) != b.get(k):
+                    keys.append(k if part == "config" else f"{part}.{k}")
+        return keys or ["(fingerprint)"]
+
+
+def request(stage: str, cfg: Any, *, inputs: dict[str, str] | None = None,
+            derived: dict[str, Any] | None = None) -> Request:
+    """The request of `stage` for the root config `cfg` (see the module docstring)."""
+    if stage not in STAGE_FIELDS:
+        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+    values = leaf_fields(cfg)
+    config = {n: values[n] for n in stage_fields(stage, values)}
+    progress = progress_target(stage, cfg)
+    if stage == "federate" and not progress:
+        config["fl.rounds"] = cfg.fl.rounds
+    return Request(stage, config, dict(inputs or {}), dict(derived or {}), progress)
+
+
+# ------------------------------------------------------------------------------ digests
+
+_DIGEST_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def digest(path: str | Path) -> str:
+    """Content digest of a file or directory (hex SHA-256).
+
+    HDF5 files: every dataset's name, dtype, shape and bytes in name order (attributes, which
+    hold timestamps, are left out), so the same content written twice digests the same.
+    Other files: their bytes. Directories: every non-hidden file's relative path and digest.
+    Cached per (path, size, mtime) within the process.
+    """
+    p = Path(path)
+    if p.is_dir():
+        h = hashlib.sha256(b"dir\0")
+        for f in sorted(p.rglob("*")):
+            rel = f.relative_to(p)
+            if f.is_file() and not any(part.startswith(".") for part in rel.parts) \
+                    and not f.name.endswith(RECORD_SUFFIX):
+                h.update(f"{rel.as_posix()}\0{digest(f)}\0".encode())
+        return h.hexdigest()
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _DIGEST_CACHE:
+        _DIGEST_CACHE[key] = _h5_digest(p) if _is_hdf5(p) else _file_digest(p)
+    return _DIGEST_CACHE[key]
+
+
+def _file_digest(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _is_hdf5(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(8) == b"\x89HDF\r\n\x1a\n"
+    except OSError:
+        return False
+
+
+def _h5_digest(p: Path) -> str:
+    import h5py
+    import numpy as np
+
+    h = hashlib.sha256(b"hdf5\0")
+    with h5py.File(p, "r", locking=False) as f:
+        names: list[str] = []
+        f.visit(lambda n: names.append(n) if isinstance(f[n], h5py.Dataset) else None)
+        for name in sorted(names):
+            ds = f[name]
+            h.update(f"{name}\0{ds.dtype.str}\0{ds.shape}\0".encode())
+            if ds.dtype.kind == "O" or h5py.check_string_dtype(ds.dtype) is not None:
+                for s in ds.asstr()[()].reshape(-1).tolist():
+                    h.update(s.encode("utf-8") + b"\0")
+                continue
+            rows = max(1, (1 << 24) // max(1, ds.dtype.itemsize * int(np.prod(ds.shape[1:]))))
+            for start in range(0, ds.shape[0] if ds.shape else 1, rows):
+                block = ds[start:start + rows] if ds.shape else ds[()]
+                arr = np.ascontiguousarray(block)
+                if arr.dtype.byteorder == ">":
+                    arr = arr.astype(arr.dtype.newbyteorder("<"))
+                h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def source_identity(root: str | Path) -> str:
+    """Identity of a user's source data (a file or a directory tree): relative names, sizes and
+    modification times, plus the bytes of every file under 64 MiB. Cheap for large image
+    folders, and any edit, addition or removal changes it."""
+    p = Path(root).expanduser()
+    if not p.exists():
+        return "missing:" + str(p)
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    h = hashlib.sha256(b"source\0")
+    for f in files:
+        st = f.stat()
+        rel = f.name if f == p else f.relative_to(p).as_posix()
+        h.update(f"{rel}\0{st.st_size}\0".encode())
+        if st.st_size < 64 << 20:
+            h.update(digest(f).encode())
+        else:
+            h.update(str(st.st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------ records
+
+
+def record_path(directory: str | Path, stage: str) -> Path:
+    return Path(directory) / f"{stage}{RECORD_SUFFIX}"
+
+
+def write_record(directory: str | Path, req: Request, outputs: dict[str, str | Path],
+                 **info: Any) -> dict[str, Any]:
+    """Commit a finished stage: digest its outputs and write the record, atomically, last.
+
+    `outputs` maps a name to a path (relative to `directory`, or absolute); the record stores
+    each path relative to `directory` when it lies inside it.
+    """
+    from gptfl_hpc.fsio import write_json
+
+    d = Path(directory)
+    files = {}
+    for name, path in outputs.items():
+        p = d / path if not Path(path).is_absolute() else Path(path)
+        try:
+            rel = p.relative_to(d).as_posix()
+        except ValueError:
+            rel = str(p)
+        files[name] = {"path": rel, "digest": digest(p)}
+    rec = {"request": req.to_dict(), "fingerprint": req.fingerprint, "outputs": files,
+           "progress": dict(req.progress), **info}
+    write_json(record_path(d, req.stage), rec)
+    return rec
+
+
+def read_record(directory: str | Path, stage: str) -> dict[str, Any] | None:
+    """The stage's record in `directory`; None when absent. A torn record raises."""
+    p = record_path(directory, stage)
+    if not p.is_file():
+        return None
+    try:
+        rec = json.loads(p.read_text(encoding="utf-8"))
+        if not isinstance(rec, dict) or "fingerprint" not in rec:
+            raise ValueError("not a completion record")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise StaleOutputError(f"{p}: unreadable completion record ({' '.join(str(e).split())});"
+                               f" delete {p} and the outputs it describes, or use a new --out"
+                               ) from None
+    return rec
+
+
+def output_path(directory: str | Path, rec: dict[str, Any], name: str) -> Path:
+    rel = rec["outputs"][name]["path"]
+    return Path(rel) if Path(rel).is_absolute() else Path(directory) / rel
+
+
+def status(directory: str | Path, req: Request, *, what: str,
+           outputs: Iterable[str | Path] = ()) -> str:
+    """'complete' or 'absent' for `req` in `directory`; StaleOutputError for anything else.
+
+    `outputs` are the paths the stage writes (relative to `directory`); one of them existing
+    without a record for this request is a conflict (another run's result, or a file of
+    unknown origin), never silently reused or overwritten.
+    `what` names the output in messages ("the synthetic set", ...).
+    """
+    d = Path(directory)
+    rec = read_record(d, req.stage)
+    if rec is None:
+        present = [str(d / o) for o in outputs if (d / o).exists()]
+        if present:
+            raise StaleOutputError(
+                f"{present[0]} exists but {record_path(d, req.stage).name} does not (another "
+                f"tool's file, or a run of an older gptfl-hpc): {what} cannot be proven to match "
+                "this request; delete it or use a new --out")
+        return "absent"
+    recorded = rec.get("request") or {}
+    if rec.get("fingerprint") != req.fingerprint:
+        keys = req.diff(recorded)
+        raise StaleOutputError(
+            f"{d} holds {what} for another request (differs in {', '.join(keys[:8])}"
+            f"{', ...' if len(keys) > 8 else ''}); use a new --out, or delete "
+            f"{record_path(d, req.stage)} and its outputs to recompute")
+    done = rec.get("progress") or {}
+    for k, target in req.progress.items():
+        if done.get(k, 0) > target:
+            raise StaleOutputError(
+                f"{d} holds {what} with {k}={done.get(k)} > the requested {target}; use a new "
+                "--out (a finished run is not cut back)")
+        if done.get(k, 0) < target:
+            return "absent"  # extendable: the stage continues from its checkpoint
+    for name, entry in (rec.get("outputs") or {}).items():
+        p = output_path(d, rec, name)
+        if not p.exists():
+            raise StaleOutputError(f"{p}: listed in {record_path(d, req.stage).name} but "
+                                   f"missing; delete {record_path(d, req.stage)} to recompute "
+                                   f"{what}")
+        if digest(p) != entry.get("digest"):
+            raise StaleOutputError(f"{p}: content differs from its completion record (modified "
+                                   f"after {what} was made); delete "
+                                   f"{record_path(d, req.stage)} and it to recompute")
+    return "complete"
+
+
+def check_partial(where: str | Path, recorded: str | None, req: Request, *, what: str) -> None:
+    """Partial state (a checkpoint, synthesis parts) may be resumed only for the same request."""
+    if recorded is not None and recorded != req.fingerprint:
+        raise StaleOutputError(
+            f"{where} holds partial {what} of another request; rerun with the settings that "
+            "made it to finish it, or delete it (or use a new --out) to start this one")
+
+
+def environ_fingerprint() -> dict[str, str]:
+    """Library versions, for records (information only, not part of the identity)."""
+    import platform
+
+    out = {"python": platform.python_version(), "machine": platform.machine()}
+    for mod in ("torch", "numpy", "h5py", "diffusers"):
+        m = __import__("sys").modules.get(mod)
+        if m is not None:
+            out[mod] = str(getattr(m, "__version__", "?"))
+    out["host"] = os.uname().nodename if hasattr(os, "uname") else platform.node()
+    return out
