@@ -6,11 +6,20 @@ dataset manifest, so the pretrained model sees exactly the input distribution FL
 
 Batched and device-agnostic: uint8 NHWC in, normalised float NCHW out, augmentation drawn from an
 explicit ``torch.Generator`` (deterministic, independent of batch composition order).
+Audio datasets (int16 waveforms) use :class:`gptfl_hpc.train.audio.AudioTransform`, which keeps
+the same call contract; :func:`make_transform` picks the one for a dataset kind.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
+
+from gptfl_hpc.errors import DataError
+
+KINDS = ("image", "audio")
 
 
 class ImageTransform:
@@ -18,6 +27,7 @@ class ImageTransform:
 
     Augmentation: random translation by up to ``pad`` pixels (zero padding, i.e. a random crop of
     the padded image); horizontal flips only for natural images (H >= 32), never for digits.
+    ``output_shape`` is the model's input (H, W, C), here the input shape itself.
     """
 
     def __init__(self, mean: list[float], std: list[float], input_shape: list[int] | tuple,
@@ -28,6 +38,8 @@ class ImageTransform:
         if self.mean.numel() not in (1, c):
             raise ValueError(f"normalisation mean has {self.mean.numel()} values for {c} channels")
         self.augment = augment
+        self.output_shape = (h, w, c)
+        """(H, W, C) of what the model sees (the same as the input for images)."""
         self.pad = 4 if h >= 32 else 1
         self.flip = h >= 32
 
@@ -54,3 +66,20 @@ class ImageTransform:
         if flip is not None:
             out = torch.where(flip[:, None, None, None], out.flip(-1), out)
         return out.contiguous()
+
+
+def make_transform(kind: str, mean: Sequence[float] | None, std: Sequence[float] | None,
+                   input_shape: Sequence[int], augment: bool) -> Any:
+    """The dataset's transform: :class:`ImageTransform` for kind "image" (uint8 (H, W, C)),
+    :class:`gptfl_hpc.train.audio.AudioTransform` for kind "audio" (int16 (L,) at 16 kHz).
+
+    Both are called as ``transform(batch, generator)`` and expose ``augment`` and
+    ``output_shape`` (the model's (H, W, C), for ``build_model``).
+    """
+    if kind == "image":
+        return ImageTransform(list(mean or []), list(std or []), input_shape, augment)
+    if kind == "audio":
+        from gptfl_hpc.train.audio import AudioTransform
+
+        return AudioTransform(mean, std, input_shape, augment)
+    raise DataError(f"dataset kind {kind!r} has no input transform; valid: {', '.join(KINDS)}")
