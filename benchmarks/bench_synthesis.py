@@ -14,7 +14,7 @@ classifier-free guidance 3 (two UNet rows per image), as in GPT-FL's generation 
 Measured, in one process on the same pipeline object:
 
 - ``reference``: GPT-FL's pattern: one image per pipeline call, 50 steps, 768 px, PIL output;
-- ``eager``: gptfl-hpc's sampler (``gptfl_hpc.gen.text2image.Text2ImageSampler``): a batch per
+- ``eager``: gptfl-hpc's sampler (``gptfl_hpc.gen.kinds.text2image.Text2ImageSampler``): a batch per
   call with one torch.Generator per image, antialiased resize to the task's 32x32 on the GPU,
   uint8 back to the host;
 - ``compiled``: the same after ``unet.compile(mode="max-autotune-no-cudagraphs", dynamic=False)``
@@ -132,12 +132,15 @@ def arch(tiny: bool) -> tuple[dict, dict, dict]:
 
 def build_pipeline(tiny: bool, device: str, dtype):
     """A StableDiffusionPipeline with random weights, created directly on `device` in `dtype`."""
-    import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     import diffusers.utils.logging as dlog
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     dlog.set_verbosity_error()  # .to(fp16) of random modules: "should be kept in float32: []"
     unet_cfg, vae_cfg, text_cfg = arch(tiny)
@@ -227,7 +230,8 @@ def run(args) -> list[Case]:
     import numpy as np
     import torch
 
-    from gptfl_hpc.gen.text2image import Text2ImageSampler, prepare_pipeline
+    from gptfl_hpc.gen.diffusion import prepare_pipeline
+    from gptfl_hpc.gen.kinds.text2image import Text2ImageSampler
 
     t_start = time.perf_counter()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -286,7 +290,8 @@ def run(args) -> list[Case]:
                             generator=g).images[0]
         else:
             sampler = Text2ImageSampler(pipe, out_shape=out_shape, steps=c.steps, height=c.px,
-                                        width=c.px, max_batch=c.batch, device=args.device)
+                                        width=c.px, max_batch=c.batch, device=args.device,
+                                        compiled=c.mode == "compiled")
 
             def call(steps, offset=0, c=c, sampler=sampler):
                 sampler.steps = steps

@@ -57,10 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
 
-    from gptfl_hpc.parallel.comm import get_comm
     from gptfl_hpc.errors import GptflError
     from gptfl_hpc.gen.synthesize import synthesize
     from gptfl_hpc.log import init_logging
+    from gptfl_hpc.parallel.comm import get_comm
 
     comm = get_comm()
     init_logging(comm.rank)

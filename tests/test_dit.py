@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 from synth_driver import gen_config
 
-from gptfl_hpc.parallel.comm import LocalComm
 from gptfl_hpc.errors import ModelError
-from gptfl_hpc.gen.dit import DiTSampler, check_dit, load_dit
-from gptfl_hpc.gen.synthesize import load_sampler, resolve_kind, synthesize
+from gptfl_hpc.gen.base import Task
+from gptfl_hpc.gen.kinds.dit import DiTSampler, check_dit
+from gptfl_hpc.gen.registry import load_sampler, open_generator
+from gptfl_hpc.gen.synthesize import synthesize
+from gptfl_hpc.parallel.comm import LocalComm
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -50,6 +52,15 @@ def build_tiny_dit(path: Path, *, num_classes: int = 10, id2label: dict | None =
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _task(num_classes: int, shape=(8, 8, 1), label_names=None) -> Task:
+    return Task.image(label_names or [f"class_{i}" for i in range(num_classes)], shape)
+
+
+def load_dit(d, *, gen_cfg, out_shape, num_classes, label_names=None) -> DiTSampler:
+    return load_sampler(d, gen_cfg=gen_cfg, task=_task(num_classes, out_shape, label_names),
+                        device="cpu", dtype="fp32")
+
+
 @pytest.fixture(scope="module")
 def dit_dir(tmp_path_factory) -> Path:
     return build_tiny_dit(tmp_path_factory.mktemp("dit") / "tiny",
@@ -58,22 +69,22 @@ def dit_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sampler(dit_dir) -> DiTSampler:
-    return load_sampler(dit_dir, gen_cfg=gen_config(steps=3), out_shape=(8, 8, 1),
-                        num_classes=10, device="cpu", dtype="fp32")
+    return load_dit(dit_dir, gen_cfg=gen_config(steps=3), out_shape=(8, 8, 1), num_classes=10)
 
 
 def test_kind_detection(dit_dir, tmp_path):
-    assert resolve_kind(dit_dir) == "class_conditional"
-    assert resolve_kind(dit_dir, "class_conditional") == "class_conditional"
+    spec = open_generator(dit_dir)
+    assert (spec.kind, spec.family) == ("dit", "class_conditional")
+    assert open_generator(dit_dir, "class_conditional").kind == "dit"
     idx = json.loads((dit_dir / "model_index.json").read_text())
     assert idx["_class_name"] == "DiTPipeline"
     other = tmp_path / "other"  # a transformer and no text encoder also counts as a DiT
     other.mkdir()
     (other / "model_index.json").write_text(json.dumps({"_class_name": "X",
                                                         "transformer": ["diffusers", "Y"]}))
-    assert resolve_kind(other) == "class_conditional"
+    assert open_generator(other).kind == "dit"
     with pytest.raises(ModelError, match="component folder"):
-        check_dit(other, num_classes=2)
+        check_dit(open_generator(other), _task(2))
 
 
 def test_sampler_contract(dit_dir, sampler):
@@ -90,8 +101,7 @@ def test_sampler_contract(dit_dir, sampler):
     c = sampler(labels, [""] * 4, np.array([1.0, 3.0, 4.0, 1.0], np.float32), seeds)
     assert np.array_equal(a[:2], c[:2]) and not np.array_equal(a[2:], c[2:])
     assert sampler(labels[:0], [], guidance[:0], seeds[:0]).shape == (0, 8, 8, 1)
-    rgb = load_sampler(dit_dir, gen_cfg=gen_config(steps=3), out_shape=(32, 32, 3),
-                       num_classes=10, device="cpu", dtype="fp32")
+    rgb = load_dit(dit_dir, gen_cfg=gen_config(steps=3), out_shape=(32, 32, 3), num_classes=10)
     d = rgb(labels, [""] * 4, guidance, seeds)
     assert d.shape == (4, 32, 32, 3) and d.dtype == np.uint8 and d.std() > 1
     assert np.array_equal(d, rgb(labels, [""] * 4, guidance, seeds))
@@ -99,10 +109,11 @@ def test_sampler_contract(dit_dir, sampler):
 
 def test_label_name_mapping(dit_dir, tmp_path):
     cfg = gen_config(steps=2)
-    s = load_sampler(dit_dir, gen_cfg=cfg, out_shape=(8, 8, 1), num_classes=2, device="cpu",
-                     dtype="fp32", label_names=["one", "three"])
+    s = load_dit(dit_dir, gen_cfg=cfg, out_shape=(8, 8, 1), num_classes=2,
+                 label_names=["one", "three"])
     assert s.class_ids.tolist() == [1, 3]
-    assert check_dit(dit_dir, num_classes=2, label_names=["one", "three"]).tolist() == [1, 3]
+    assert check_dit(open_generator(dit_dir), _task(2, label_names=["one", "three"])
+                     ).tolist() == [1, 3]
     s = load_dit(dit_dir, gen_cfg=cfg, out_shape=(8, 8, 1), num_classes=3,
                  label_names=["cat", "dog", "one"])  # not all found -> identity
     assert s.class_ids.tolist() == [0, 1, 2]
@@ -113,7 +124,7 @@ def test_label_name_mapping(dit_dir, tmp_path):
         load_dit(dit_dir, gen_cfg=cfg, out_shape=(8, 8, 1), num_classes=11, label_names=many)
     assert str(dit_dir) in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(ModelError, match="DiT has 10 classes"):
-        check_dit(dit_dir, num_classes=11, label_names=many)
+        check_dit(open_generator(dit_dir), _task(11, label_names=many))
     with pytest.raises(ModelError, match="not found"):
         load_dit(tmp_path / "nope", gen_cfg=cfg, out_shape=(8, 8, 1), num_classes=2)
 
@@ -171,3 +182,47 @@ def test_stochastic_scheduler_uses_sample_generators(tmp_path):
     a = s(*args)
     torch.manual_seed(2)
     assert np.array_equal(a, s(*args))
+
+
+def test_vae_out_of_memory_halves_the_call(dit_dir, tmp_path, monkeypatch, caplog):
+    """The DiT decodes a whole call in one VAE call; when that runs out of GPU memory (faked
+    above 2 rows) the engine halves the call shape for the rest of the run, and the set equals a
+    run at that call shape."""
+    import dataclasses
+    import logging
+
+    import torch
+
+    from gptfl_hpc.gen import registry
+
+    real = registry.GENERATORS["dit"]
+    decoded = []
+
+    def load(spec, cfg, task, device, dtype):
+        sampler = real.load(spec, cfg, task, device, dtype)
+        decode = sampler.pipe.vae.decode
+
+        def limited(z, *a, **kw):
+            decoded.append(len(z))
+            if len(z) > 2:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+            return decode(z, *a, **kw)
+
+        sampler.pipe.vae.decode = limited
+        return sampler
+
+    def run(out, micro):
+        synthesize(gen_config(batch=8, micro=micro, steps=2), generator_dir=dit_dir,
+                   label_names=["digit_a", "digit_b", "digit_c"], out_shape=(8, 8, 1),
+                   n_total=12, out_path=out, seed=0, comm=LocalComm(), device="cpu")
+        with h5py.File(out, "r") as f:
+            return f["images"][()], f.attrs["call_rows"]
+
+    monkeypatch.setitem(registry.GENERATORS, "dit", dataclasses.replace(real, load=load))
+    with caplog.at_level(logging.WARNING):
+        images, call_rows = run(tmp_path / "oom.h5", 4)
+    assert decoded == [4, 2, 2, 2, 2, 2, 2] and call_rows == 2
+    assert "dit generator: out of GPU memory at 4 rows per call; using 2" in caplog.text
+    monkeypatch.setitem(registry.GENERATORS, "dit", real)
+    ref, _ = run(tmp_path / "m2.h5", 2)
+    assert images.tobytes() == ref.tobytes()

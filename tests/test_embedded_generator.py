@@ -143,14 +143,16 @@ def test_bad_data(public, tmp_path):
 
 
 def test_sampler_from_trained_directory(trained):
-    import torch
-
-    from gptfl_hpc.gen.synthesize import load_sampler
+    from gptfl_hpc.gen.base import Task
+    from gptfl_hpc.gen.registry import load_sampler, open_generator
 
     cfg = GenConfig(steps=3, guidance=[1.0, 2.0], channels_last=False)
-    s = load_sampler(trained, gen_cfg=cfg, out_shape=(8, 8, 1), num_classes=10, device="cpu",
-                     dtype=torch.float32)
+    names = [str(i) for i in range(10)]
+    s = load_sampler(trained, gen_cfg=cfg, task=Task.image(names, (8, 8, 1)), device="cpu",
+                     dtype="fp32")
     assert s.kind == "class_conditional"
+    spec = open_generator(trained)
+    assert spec.kind == "class_conditional" and spec.provenance["label_names"] == names
     labels, seeds = np.arange(6) % 10, np.arange(6) + 100
     g = np.array([1.0, 2.0, 1.0, 1.5, 1.0, 2.0], dtype=np.float32)
     a = s(labels, [""] * 6, g, seeds)
@@ -159,6 +161,9 @@ def test_sampler_from_trained_directory(trained):
     assert b.shape == (3, 8, 8, 1)
     c = s(labels, [""] * 6, g, seeds)
     assert np.array_equal(a, c)  # deterministic per seed
+    twelve = [str(i) for i in range(12)]
     with pytest.raises(ModelError, match="11 class embeddings but the task has 12"):
-        load_sampler(trained, gen_cfg=cfg, out_shape=(8, 8, 1), num_classes=12, device="cpu",
-                     dtype=torch.float32)
+        load_sampler(trained, gen_cfg=cfg, task=Task.image(twelve, (8, 8, 1)), device="cpu")
+    other = [f"digit {i}" for i in range(10)]  # the generator records its classes
+    with pytest.raises(ModelError, match="was trained on classes"):
+        load_sampler(trained, gen_cfg=cfg, task=Task.image(other, (8, 8, 1)), device="cpu")

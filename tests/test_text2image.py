@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_sd import build_tiny_gpt2, build_tiny_sd
 
 from gptfl_hpc.config import GenConfig
 from gptfl_hpc.errors import ModelError
-from tiny_sd import build_tiny_gpt2, build_tiny_sd
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -45,10 +45,15 @@ def tiny_sd(tmp_path_factory) -> str:
 
 
 def _load(path, shape, **kw):
-    from gptfl_hpc.gen.text2image import load_text2image
+    """The text2image kind's load (height/width/max_batch pass through), gen.dtype auto."""
+    from gptfl_hpc.gen.base import Task, resolve_dtype
+    from gptfl_hpc.gen.kinds import text2image
+    from gptfl_hpc.gen.registry import open_generator
 
     cfg = GenConfig(steps=kw.pop("steps", 2), scheduler=kw.pop("scheduler", "dpm"))
-    return load_text2image(path, gen_cfg=cfg, out_shape=shape, device="cpu", dtype=None, **kw)
+    task = Task.image([str(i) for i in range(10)], shape)
+    return text2image.load(open_generator(path, "text2image"), cfg, task, "cpu",
+                           resolve_dtype(cfg.dtype, "cpu"), **kw)
 
 
 def _call(sampler, idx, guidance=3.0, prompts=None, seeds=None):
@@ -117,7 +122,7 @@ def _direct(s, i: int, g: float) -> np.ndarray:
     """Sample i straight from the diffusers pipeline with a scalar guidance_scale."""
     import torch
 
-    from gptfl_hpc.gen.text2image import to_uint8
+    from gptfl_hpc.gen.base import to_uint8
 
     images = s.pipe(prompt=[PROMPTS[i]], height=32, width=32, num_inference_steps=s.steps,
                     guidance_scale=float(g), output_type="pt",
@@ -143,7 +148,7 @@ def test_per_sample_guidance_in_one_call(tiny_sd):
 
 
 def test_per_row_guidance_not_applied_falls_back(tiny_sd, caplog):
-    from gptfl_hpc.gen.text2image import RowGuidance
+    from gptfl_hpc.gen.kinds.text2image import RowGuidance
 
     s = _load(tiny_sd, (32, 32, 3))
     real = s.pipe
@@ -214,9 +219,10 @@ def test_loads_without_network_even_if_offline_flag_unset(tiny_sd):
         "socket.socket.connect = _no; socket.create_connection = _no\n"
         "import numpy as np\n"
         "from gptfl_hpc.config import GenConfig\n"
-        "from gptfl_hpc.gen.text2image import load_text2image\n"
-        f"s = load_text2image({tiny_sd!r}, gen_cfg=GenConfig(steps=2), out_shape=(8, 8, 1),"
-        " device='cpu', dtype=None)\n"
+        "from gptfl_hpc.gen.base import Task\n"
+        "from gptfl_hpc.gen.registry import load_sampler\n"
+        f"s = load_sampler({tiny_sd!r}, gen_cfg=GenConfig(steps=2),"
+        " task=Task.image(['a', 'b'], (8, 8, 1)), device='cpu')\n"
         "out = s(np.zeros(2, np.int64), ['a', 'b'], np.ones(2, np.float32), np.arange(2))\n"
         "print('OK', out.shape)\n")
     env = {k: v for k, v in os.environ.items()
@@ -283,39 +289,53 @@ def test_bench_synthesis_smoke(tmp_path):
     assert "| eager | 32 | 2 | 2 |" in p.stdout
 
 
+class FakePipe:
+    """A pipeline that runs out of GPU memory above `limit` images per call."""
+
+    unet = None
+    default_sample_size = 2
+    vae_scale_factor = 8
+    device = "cpu"
+    scheduler = None
+
+    def __init__(self, limit: int = 2):
+        self.sizes, self.limit = [], limit
+
+    def __call__(self, prompt, height, width, num_inference_steps, guidance_scale,
+                 generator, output_type):
+        import types
+
+        import torch
+
+        self.sizes.append(len(prompt))
+        if len(prompt) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (fake)")
+        imgs = torch.stack([torch.rand(3, height, width, generator=g) for g in generator])
+        return types.SimpleNamespace(images=imgs)
+
+
+def _fake_sampler(max_batch, **kw):
+    from gptfl_hpc.gen.kinds.text2image import Text2ImageSampler
+
+    pipe = FakePipe()
+    return pipe, Text2ImageSampler(pipe, out_shape=(8, 8, 3), steps=2, max_batch=max_batch,
+                                   device="cpu", **kw)
+
+
 def test_out_of_memory_halves_the_call_and_keeps_images():
     """A pipeline that runs out of GPU memory above 2 images per call: the sampler splits the
     call, remembers the smaller size, and returns exactly the images of per-image calls."""
-    import types
-
-    import torch
-
-    from gptfl_hpc.gen.text2image import Text2ImageSampler
-
-    class FakePipe:
-        unet = None
-        default_sample_size = 2
-        vae_scale_factor = 8
-        device = "cpu"
-        scheduler = None
-
-        def __init__(self):
-            self.sizes = []
-
-        def __call__(self, prompt, height, width, num_inference_steps, guidance_scale,
-                     generator, output_type):
-            self.sizes.append(len(prompt))
-            if len(prompt) > 2:
-                raise torch.OutOfMemoryError("CUDA out of memory (fake)")
-            imgs = torch.stack([torch.rand(3, height, width, generator=g) for g in generator])
-            return types.SimpleNamespace(images=imgs)
-
-    pipe = FakePipe()
-    s = Text2ImageSampler(pipe, out_shape=(8, 8, 3), steps=2, max_batch=8, device="cpu")
     seeds = np.arange(7, dtype=np.int64)
-    out = s(np.zeros(7, np.int64), ["a digit"] * 7, np.ones(7, np.float32), seeds)
+    args = (np.zeros(7, np.int64), ["a digit"] * 7, np.ones(7, np.float32), seeds)
+    pipe, s = _fake_sampler(8)
+    out = s(*args)
     assert s.max_batch == 2 and pipe.sizes == [7, 4, 2, 2, 2, 1]  # 7 and 4 ran out of memory
-    one = Text2ImageSampler(FakePipe(), out_shape=(8, 8, 3), steps=2, max_batch=1, device="cpu")
+    _, one = _fake_sampler(1)
     ref = np.concatenate([one(np.zeros(1, np.int64), ["a digit"], np.ones(1, np.float32),
                               seeds[i:i + 1]) for i in range(7)])
     np.testing.assert_array_equal(out, ref)
+    # compiled: every call is padded to the call shape, so after the halving the pipeline sees
+    # one shape only (one recompile), and the images are the same
+    pipe, s = _fake_sampler(4, compiled=True)
+    np.testing.assert_array_equal(s(*args), ref)
+    assert pipe.sizes == [4, 2, 2, 2, 2]

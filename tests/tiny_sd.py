@@ -50,8 +50,12 @@ def build_tiny_sd(path: str | Path, size: int = 32, seed: int = 0,
     VAE (downsamples by 4), 2-layer CLIP text encoder. Returns `path` as a string.
     """
     import torch
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionPipeline,
-                           UNet2DConditionModel)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if size % 4:

@@ -1,9 +1,14 @@
-"""Synthetic data generation (GPT-FL's server side): prompts -> diffusers generator -> HDF5.
+"""Synthetic data generation (GPT-FL's server side): prompts -> generator -> HDF5.
 
 * ``prompts``    -- ``build_plan``: class, prompt, guidance scale and seed of every sample.
+* ``spec``       -- ``GeneratorSpec``: a generator directory, read (and fingerprinted) once.
+* ``base``       -- the contracts (``Task``, ``Sampler``, ``GeneratorKind``) and what every kind
+  shares: ``to_uint8``, the dtype resolver, ``CallShape`` (out-of-memory fallback).
+* ``diffusion``  -- scheduler factory, compile/channels_last, the guided sampling loop.
+* ``kinds/``     -- one module per generator kind (class-conditional UNet, DiT, text-to-image).
+* ``registry``   -- ``GENERATORS`` (discovered from ``kinds/``), ``open_generator``,
+  ``load_sampler``.
 * ``embedded``   -- ``train_generator``: tiny class-conditional UNet trained on the public split.
-* ``class_cond`` -- sampling loop for class-conditional ``UNet2DModel`` generators.
-* ``text2image`` -- Stable-Diffusion-style pipelines (text prompts).
 * ``synthesize`` -- ``synthesize``: the batched, multi-process, resumable writer of the set.
 
 Importing this package imports neither torch nor diffusers; the names below load lazily
@@ -18,7 +23,11 @@ _LAZY = {
     "Plan": "gptfl_hpc.gen.prompts",
     "build_plan": "gptfl_hpc.gen.prompts",
     "train_generator": "gptfl_hpc.gen.embedded",
-    "load_sampler": "gptfl_hpc.gen.synthesize",
+    "GeneratorSpec": "gptfl_hpc.gen.spec",
+    "Task": "gptfl_hpc.gen.base",
+    "GENERATORS": "gptfl_hpc.gen.registry",
+    "open_generator": "gptfl_hpc.gen.registry",
+    "load_sampler": "gptfl_hpc.gen.registry",
 }
 
 __all__ = sorted(_LAZY)

@@ -44,9 +44,8 @@ def load_text_generator(model_dir: str | os.PathLike, device: str = "cpu"):
                          f" model on a machine with internet access (e.g. `hf download gpt2 "
                          f"--local-dir {d}`) and set gen.expand_prompts to that directory, or "
                          f"set gen.expand_prompts=null")
-    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
-
     import transformers.utils.logging as tlog
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     bars_on = tlog.is_progress_bar_enabled()
     tlog.disable_progress_bar()  # "Loading weights" bars flood batch logs

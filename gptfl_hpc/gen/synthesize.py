@@ -1,25 +1,40 @@
 """Synthesise the labelled synthetic set: plan -> generator calls -> one chunked HDF5 file.
 
-Single readable file (style: diffusers' single-file policy). Reading order: ``synthesize`` at the
-bottom calls ``check_inputs``, decides on rank 0 whether to skip / resume / start, runs the batches
-assigned to this process inside ``dist.accel.accelerator`` and merges on rank 0.
+Reading order: ``synthesize`` at the bottom checks the inputs, opens the generator once as a
+:class:`~gptfl_hpc.gen.spec.GeneratorSpec` (rank 0 reads and fingerprints it, every process gets
+the same spec), decides on rank 0 whether to skip / resume / start, generates the blocks assigned
+to this process inside ``parallel.accel.accelerator`` and merges on rank 0. What is generated is a
+:class:`~gptfl_hpc.gen.base.Task` (images: uint8 (H, W, C)); which generator makes it is a kind
+of the registry (``gen/registry.py``); this module knows neither models nor modalities.
 
 **Blocks make the set byte-identical for any batch size and process count.** CPU kernels
 (oneDNN convolutions, GEMMs) pick different code paths for different batch shapes, which changes
 the last float bits, which after 25 denoising steps flips uint8 pixels. So the sample indices are
 cut into aligned blocks of ``micro_batch`` samples (block b = samples [b*M, (b+1)*M)) and the
-generator is always called on exactly one block, padded to M rows when it is the last, short one
-(rows do not interact and each row sits at the same position in a same-shaped call). Batches
-(``gen.batch_size``, rounded up to a multiple of M) are only the unit of work and of writing.
+generator is always called with exactly M rows (the call shape), the last, short block padded
+(rows do not interact and each row sits at the same position in a same-shaped call). Default M:
+64 on CPU; on GPU the kind's own per-call batch (16 images for text-to-image, 32 for DiT, up to
+256 small UNet images).
 
-**Resumable.** Each finished batch is written as its own small HDF5 file
-``<out>.parts/blocks-<first>-<end>.h5`` (temp file, fsync, rename), so a SIGKILL at any moment
-loses at most the batches in flight and never leaves a file that looks complete but is not.
-``<out>.parts/state.json`` pins the request, the numerics and the prompt table; a rerun with the
-same request skips finished blocks (any process count, any batch size) and refuses a different
-one. Rank 0 merges the parts in index order into ``<out>`` (temp + rename) and deletes the parts.
-After every batch each process calls ``signals.boundary()``; the processes agree on stop / error
-in one tiny allreduce per batch, so all of them stop at the same batch and raise ``Preempted``.
+**Block = unit of preemption; part = unit of writing.** After every block each process calls
+``signals.boundary()`` and the processes agree on stop / error in one tiny allreduce, so all of
+them stop after the same block (seconds, also for SD-2.1, within Slurm's 120 s warning). Finished
+blocks are written as part files ``<out>.parts/blocks-<first>-<end>.h5`` (temp file, fsync,
+rename) of consecutive blocks; a part is closed when its generation time would pass
+``PART_SECONDS`` (~30 s, measured per block, so it adapts after the first block), at
+``gen.batch_size`` samples, at the end of this process's run of blocks, and on a stop. A SIGKILL
+loses at most the open part (~30 s of work) and never leaves a file that looks complete but is not.
+
+**GPU failure handling.** Calls go through ``base.CallShape``: on CUDA out-of-memory the call is
+halved once for all later calls (one recompile under gen.compile, logged). A block whose output
+holds NaN/Inf (``base.to_uint8`` detects it; typically fp16 overflow) is regenerated with the
+generator loaded in fp32; if fp32 also gives non-finite values the run fails with one line. The
+number of regenerated blocks is logged and stored as ``nonfinite_blocks_regenerated``.
+
+**Resumable.** ``<out>.parts/state.json`` pins the request, the numerics and the prompt table; a
+rerun with the same request skips finished blocks (any process count, any batch size) and refuses
+a different one. Rank 0 merges the parts in index order into ``<out>`` (temp + rename) and
+deletes the parts.
 
 See ``FORMAT`` below for the file layout.
 """
@@ -28,230 +43,109 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from gptfl_hpc import fsio, signals
 from gptfl_hpc.errors import CommError, ConfigError, DataError, GptflError, ModelError, Preempted
+from gptfl_hpc.gen.base import (
+    CallShape,
+    GeneratorKind,
+    NonFiniteOutput,
+    Sampler,
+    Task,
+    resolve_dtype,
+)
 from gptfl_hpc.gen.prompts import Plan, build_plan
+from gptfl_hpc.gen.registry import kind_of, open_generator
+from gptfl_hpc.gen.spec import GeneratorSpec, missing_generator_message
+
+__all__ = ["FORMAT", "missing_generator_message", "parts_dir", "read_request",
+           "synthesis_numerics", "synthesize"]
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CPU_MICRO_BATCH = 64
 PROGRESS_SECONDS = 30.0
-EXAMPLE_REPO = "stabilityai/stable-diffusion-2-1"
+PART_SECONDS = 30.0
+"""A part file is closed before its generation time would pass this (seconds)."""
 _PART_RE = re.compile(r"^blocks-(\d{9})-(\d{9})\.h5$")
+_clock = time.perf_counter  # tests replace it to drive the part sizing
 
 FORMAT = """\
 Synthetic set (HDF5, one file, format_version 1)
 
 | dataset | dtype | shape | meaning |
 |---|---|---|---|
-| images | uint8 | (N, H, W, C) | the samples, channel-last, chunked by ~1 MiB of rows |
+| images | uint8 | (N, H, W, C) | the samples, channel-last, chunked by ~1 MiB of rows (*) |
 | labels | int64 | (N,) | class of each sample; sample g has class g % K |
 | prompt_index | int32 | (N,) | row of `prompts` used for the sample |
 | guidance | float32 | (N,) | classifier-free guidance scale (1.0 = none) |
 | seed | int64 | (N,) | the sample's torch.Generator seed |
 | prompts | UTF-8 string | (P,) | prompt table (all class x template/domain strings) |
 
-attrs: format_version, generator (path), generator_fingerprint, kind, steps, scheduler, seed,
-n_total, num_classes, label_names (JSON), out_shape (JSON), config (JSON of gen), request (JSON:
-what identifies the set; a rerun with the same request skips), micro_batch, dtype, device_type,
+(*) the task's dataset name, dtype and sample shape; for images: images, uint8, (H, W, C).
+
+attrs: format_version, generator (path), generator_fingerprint (content digest of every file),
+kind (gen.kind family), generator_kind (registry kind), steps, scheduler, seed, n_total,
+num_classes, label_names (JSON), out_shape (JSON: the sample shape), config (JSON of gen), request
+(JSON: what identifies the set; a rerun with the same request skips), micro_batch (the call
+shape), call_rows (the smallest call shape used: < micro_batch after GPU out-of-memory), dtype,
+nonfinite_blocks_regenerated (blocks regenerated in fp32 because of NaN/Inf), device_type,
 num_processes, wall_s, created, torch, diffusers.
 """
 
 
-class Sampler(Protocol):
-    """``sampler(labels, prompts, guidance, seeds) -> uint8 (B, H, W, C)`` at the task size."""
-
-    kind: str
-
-    def __call__(self, labels: np.ndarray, prompts: list[str], guidance: np.ndarray,
-                 seeds: np.ndarray) -> np.ndarray: ...
-
-
 # --------------------------------------------------------------------------------------------
-# generator directory
+# inputs, numerics and request
 
 
-def missing_generator_message(generator_dir: str | Path) -> str:
-    d = str(generator_dir)
-    return (f"generator directory {d} not found: put a diffusers model saved with save_pretrained "
-            f"there (e.g. `huggingface-cli download {EXAMPLE_REPO} --local-dir {d}` on a machine "
-            "with network), or use gen.generator=embedded (`gptfl-hpc train-generator` writes "
-            "<out>/generator)")
+def check_inputs(gen_cfg: Any, *, generator: str | Path | GeneratorSpec, task: Task,
+                 n_total: int, seed: int) -> GeneratorSpec:
+    """Validate everything before any weights are loaded; return the generator's spec."""
+    _check_scalars(n_total, seed)
+    task.check()
+    spec = open_generator(generator, gen_cfg.kind)
+    kind_of(spec).check(spec, task, gen_cfg)
+    return spec
 
 
-def resolve_kind(generator_dir: str | Path, kind: str = "auto") -> str:
-    """'text2image' or 'class_conditional' (auto: model_index.json naming a text_encoder ->
-    text2image; a DiTPipeline model_index.json or unet/config.json -> class_conditional)."""
-    d = Path(generator_dir)
-    if not d.is_dir():
-        raise ModelError(missing_generator_message(d))
-    if kind in ("class_conditional", "text2image"):
-        return kind
-    if kind != "auto":
-        raise ConfigError(f"config key gen.kind: invalid value {kind!r}; valid: auto, "
-                          "class_conditional, text2image")
-    index = d / "model_index.json"
-    if index.is_file():
-        try:
-            spec = json.loads(index.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelError(f"{index}: not readable JSON ({e})") from None
-        te = spec.get("text_encoder")
-        if isinstance(te, list) and te and te[0] is not None:
-            return "text2image"
-        if is_dit_index(spec):
-            return "class_conditional"
-    if (d / "unet" / "config.json").is_file():
-        return "class_conditional"
-    raise ModelError(f"generator directory {d}: neither a text-to-image pipeline (model_index.json "
-                     "with a text_encoder) nor a class-conditional model (unet/config.json, or a "
-                     "DiTPipeline model_index.json); valid: a save_pretrained directory of either")
-
-
-def is_dit_index(spec: Any) -> bool:
-    """model_index.json of a class-conditional DiT pipeline (DiTPipeline, or a transformer and
-    no text encoder)."""
-    if not isinstance(spec, dict):
-        return False
-    te = spec.get("text_encoder")
-    has_te = isinstance(te, list) and bool(te) and te[0] is not None
-    return spec.get("_class_name") == "DiTPipeline" or ("transformer" in spec and not has_te)
-
-
-def is_dit_dir(generator_dir: str | Path) -> bool:
-    index = Path(generator_dir) / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        return is_dit_index(json.loads(index.read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelError(f"{index}: not readable JSON ({e})") from None
-
-
-def fingerprint(generator_dir: str | Path) -> str:
-    """Content fingerprint: every file's path and size; small files hashed whole, big files by
-    their first and last MiB (cheap for multi-GB pipelines, still changes when retrained)."""
-    root = Path(generator_dir)
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-            continue
-        size = p.stat().st_size
-        h.update(f"{rel.as_posix()}\0{size}\0".encode())
-        with open(p, "rb") as f:
-            if size <= 2 << 20:
-                h.update(f.read())
-            else:
-                h.update(f.read(1 << 20))
-                f.seek(-(1 << 20), os.SEEK_END)
-                h.update(f.read(1 << 20))
-    return h.hexdigest()[:32]
-
-
-def resolve_dtype(name: str, device_type: str) -> str:
-    """gen.dtype -> 'fp32' | 'fp16' | 'bf16' (auto: fp16 on GPU, fp32 on CPU)."""
-    if name == "auto":
-        return "fp16" if device_type == "cuda" else "fp32"
-    return name
-
-
-def torch_dtype(name: str) -> Any:
-    import torch
-
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
-
-
-def load_sampler(generator_dir: str | Path, *, gen_cfg: Any, out_shape: tuple[int, int, int],
-                 num_classes: int, device: Any, dtype: Any,
-                 label_names: list[str] | None = None) -> Sampler:
-    """Load the generator in `generator_dir` (offline) as a Sampler for `out_shape` images.
-
-    `label_names` (optional) lets a DiT with an id2label table map task classes by name."""
-    kind = resolve_kind(generator_dir, gen_cfg.kind)
-    if isinstance(dtype, str):
-        dtype = torch_dtype(dtype)
-    if kind == "text2image":
-        from gptfl_hpc.gen.text2image import load_text2image
-
-        return load_text2image(str(generator_dir), gen_cfg=gen_cfg, out_shape=tuple(out_shape),
-                               device=str(device), dtype=dtype)
-    if is_dit_dir(generator_dir):
-        from gptfl_hpc.gen.dit import load_dit
-
-        return load_dit(generator_dir, gen_cfg=gen_cfg, out_shape=tuple(out_shape),
-                        num_classes=num_classes, label_names=label_names, device=device,
-                        dtype=dtype)
-    from gptfl_hpc.gen.class_cond import load_class_conditional
-
-    return load_class_conditional(generator_dir, gen_cfg=gen_cfg, out_shape=tuple(out_shape),
-                                  num_classes=num_classes, device=device, dtype=dtype)
-
-
-# --------------------------------------------------------------------------------------------
-# inputs and request
-
-
-def check_inputs(gen_cfg: Any, *, generator_dir: str | Path, label_names: list[str],
-                 out_shape: tuple[int, ...], n_total: int, seed: int) -> str:
-    """Validate everything before any model is loaded; return the generator kind."""
+def _check_scalars(n_total: Any, seed: Any) -> None:
     if not isinstance(n_total, (int, np.integer)) or n_total < 1:
         raise ConfigError(f"synthesis: n_total={n_total!r}; valid: >= 1 (gen.count, or gen.volume "
                           "x the private training-set size)")
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"config key run.seed: invalid value {seed!r}; valid: an int >= 0")
-    if (len(out_shape) != 3 or not all(isinstance(v, (int, np.integer)) and v >= 1
-                                       for v in out_shape) or out_shape[2] not in (1, 3)):
-        raise DataError(f"synthesis: out_shape {tuple(out_shape)}; valid: (H, W, C) with "
-                        "H, W >= 1 and C in 1, 3")
-    if (not label_names or not all(isinstance(n, str) and n.strip() for n in label_names)
-            or len(set(label_names)) != len(label_names)):
-        raise ConfigError(f"synthesis: label names {list(label_names)!r}; valid: distinct "
-                          "non-empty strings, one per class (data.label_names)")
-    kind = resolve_kind(generator_dir, gen_cfg.kind)
-    if kind == "class_conditional" and is_dit_dir(generator_dir):
-        from gptfl_hpc.gen.dit import check_dit
-
-        check_dit(generator_dir, num_classes=len(label_names), label_names=label_names)
-    elif kind == "class_conditional":
-        from gptfl_hpc.gen.class_cond import check_classes, read_unet_config
-        from gptfl_hpc.gen.embedded import read_provenance
-
-        check_classes(read_unet_config(generator_dir), len(label_names), generator_dir,
-                      float(max(gen_cfg.guidance)))
-        prov = read_provenance(generator_dir)
-        names = (prov or {}).get("label_names")
-        if names is not None and list(names) != list(label_names):
-            raise ModelError(f"generator {generator_dir} was trained on classes {names}, the task"
-                             f" has {list(label_names)}; train a generator for this dataset")
-    else:
-        from gptfl_hpc.gen.text2image import check_generator_dir
-
-        check_generator_dir(generator_dir)
-    return kind
 
 
-def _request(gen_cfg: Any, *, kind: str, fp: str, label_names: list[str],
-             out_shape: tuple[int, ...], n_total: int, seed: int) -> dict:
+def synthesis_numerics(gen_cfg: Any, spec: GeneratorSpec, device_type: str) -> dict[str, Any]:
+    """The resolved values that change the samples' bits: device type, dtype, call shape."""
+    micro = gen_cfg.micro_batch or (CPU_MICRO_BATCH if device_type == "cpu"
+                                    else kind_of(spec).call_rows(spec))
+    return {"device_type": device_type, "dtype": resolve_dtype(gen_cfg.dtype, device_type),
+            "micro_batch": int(micro)}
+
+
+def _request(gen_cfg: Any, *, kind: str, fp: str, task: Task, n_total: int, seed: int) -> dict:
     keys = ("prompt_mode", "templates", "domains", "guidance", "expand_prompts", "steps",
             "scheduler")
-    return {"format_version": FORMAT_VERSION, "generator_fingerprint": fp, "kind": kind,
-            "n_total": int(n_total), "seed": int(seed), "label_names": list(label_names),
-            "out_shape": [int(v) for v in out_shape],
-            "gen": {k: getattr(gen_cfg, k) for k in keys}}
+    req = {"format_version": FORMAT_VERSION, "generator_fingerprint": fp, "kind": kind,
+           "n_total": int(n_total), "seed": int(seed), "label_names": list(task.label_names),
+           "out_shape": [int(v) for v in task.sample_shape],
+           "gen": {k: getattr(gen_cfg, k) for k in keys}}
+    if not task.is_image:
+        req["sample"] = {"dataset": task.dataset, "dtype": task.dtype}
+    return req
 
 
 def _canon(obj: Any) -> str:
@@ -313,16 +207,6 @@ def list_parts(pdir: Path) -> list[tuple[int, int, Path]]:
     return sorted(out)
 
 
-def _write_part(pdir: Path, first: int, end: int, images: np.ndarray, start: int) -> None:
-    import h5py
-
-    with fsio.atomic_path(pdir / _part_name(first, end)) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("images", data=images)
-            f.attrs["first_block"], f.attrs["end_block"] = first, end
-            f.attrs["start"], f.attrs["stop"] = start, start + len(images)
-
-
 def _done_blocks(parts: list[tuple[int, int, Path]], n_blocks: int) -> np.ndarray:
     done = np.zeros(n_blocks, dtype=bool)
     for first, end, _ in parts:
@@ -330,17 +214,61 @@ def _done_blocks(parts: list[tuple[int, int, Path]], n_blocks: int) -> np.ndarra
     return done
 
 
-def _batches(todo: np.ndarray, per_batch: int) -> list[tuple[int, int]]:
-    """Runs of consecutive unfinished blocks, cut into batches of at most `per_batch` blocks."""
-    out: list[tuple[int, int]] = []
-    idx = np.flatnonzero(todo)
-    if idx.size == 0:
-        return out
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    for run in np.split(idx, breaks):
-        a, b = int(run[0]), int(run[-1]) + 1
-        out += [(s, min(s + per_batch, b)) for s in range(a, b, per_batch)]
-    return out
+class _PartWriter:
+    """Consecutive finished blocks of this process, written as one part file when due."""
+
+    def __init__(self, pdir: Path, task: Task, *, micro: int, max_blocks: int) -> None:
+        self.pdir, self.task, self.micro, self.max_blocks = pdir, task, micro, max_blocks
+        self.first = 0
+        self.samples: list[np.ndarray] = []
+        self.seconds = self.last_seconds = 0.0
+        self.regenerated, self.call_rows = 0, micro
+
+    @property
+    def end(self) -> int:
+        return self.first + len(self.samples)
+
+    def add(self, block: int, samples: np.ndarray, seconds: float, *, regenerated: bool,
+            call_rows: int) -> None:
+        if self.samples and block != self.end:
+            self.flush()
+        if not self.samples:
+            self.first, self.seconds, self.regenerated, self.call_rows = block, 0.0, 0, self.micro
+        self.samples.append(samples)
+        self.seconds += seconds
+        self.last_seconds = seconds
+        self.regenerated += int(regenerated)
+        self.call_rows = min(self.call_rows, call_rows)
+
+    def due(self, next_block: int | None) -> bool:
+        """Close the part before the next block? (end of run, size cap, or ~PART_SECONDS)."""
+        return bool(self.samples) and (
+            next_block != self.end or len(self.samples) >= self.max_blocks
+            or self.seconds + self.last_seconds > PART_SECONDS)
+
+    def flush(self) -> int:
+        """Write the open part (atomically); return the samples written."""
+        import h5py
+
+        if not self.samples:
+            return 0
+        data = np.concatenate(self.samples)
+        with contextlib.suppress(FileExistsError):
+            self.pdir.mkdir(parents=True, exist_ok=True)
+        with fsio.atomic_path(self.pdir / _part_name(self.first, self.end)) as tmp:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset(self.task.dataset, data=data)
+                f.attrs["first_block"], f.attrs["end_block"] = self.first, self.end
+                f.attrs["start"] = self.first * self.micro
+                f.attrs["stop"] = self.first * self.micro + len(data)
+                f.attrs["nonfinite_blocks_regenerated"] = self.regenerated
+                f.attrs["call_rows"] = self.call_rows
+        self.samples = []
+        return len(data)
+
+
+# --------------------------------------------------------------------------------------------
+# skip / resume / start, and the merge
 
 
 def _prepare(gen_cfg: Any, *, out_path: Path, request: dict, numerics: dict,
@@ -383,9 +311,10 @@ def _prepare(gen_cfg: Any, *, out_path: Path, request: dict, numerics: dict,
     return {"action": "run", "prompts": prompts, "done": np.flatnonzero(done).tolist()}
 
 
-def _merge(out_path: Path, plan: Plan, *, micro: int, out_shape: tuple[int, int, int],
-           attrs: dict) -> None:
-    """Rank 0: parts -> one HDF5 in index order, written to a temp file and renamed."""
+def _merge(out_path: Path, plan: Plan, *, micro: int, task: Task, attrs: dict) -> dict:
+    """Rank 0: parts -> one HDF5 in index order, written to a temp file and renamed.
+
+    Returns the totals the parts recorded (nonfinite_blocks_regenerated, call_rows)."""
     import h5py
 
     n = len(plan)
@@ -402,30 +331,36 @@ def _merge(out_path: Path, plan: Plan, *, micro: int, out_shape: tuple[int, int,
     if covered != n_blocks:
         raise DataError(f"{pdir}: blocks {covered}..{n_blocks - 1} are missing from the part "
                         "files; rerun the same command to generate them")
-    h, w, c = out_shape
-    rows = int(max(1, min(n, (1 << 20) // (h * w * c))))
+    shape, dtype = tuple(task.sample_shape), np.dtype(task.dtype)
+    rows = int(max(1, min(n, (1 << 20) // (math.prod(shape) * dtype.itemsize))))
+    totals = {"nonfinite_blocks_regenerated": 0, "call_rows": micro}
     with fsio.atomic_path(out_path) as tmp:
         with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset("images", shape=(n, h, w, c), dtype=np.uint8,
-                                  chunks=(rows, h, w, c))
+            ds = f.create_dataset(task.dataset, shape=(n, *shape), dtype=dtype,
+                                  chunks=(rows, *shape))
             for first, end, p in use:
                 a, b = first * micro, min(end * micro, n)
                 with h5py.File(p, "r") as part:
-                    imgs = part["images"][()]
-                if imgs.shape != (b - a, h, w, c):
-                    raise DataError(f"{p}: images of shape {imgs.shape}, expected "
-                                    f"{(b - a, h, w, c)}; delete it and rerun")
-                ds[a:b] = imgs
+                    data = part[task.dataset][()]
+                    totals["nonfinite_blocks_regenerated"] += int(
+                        part.attrs.get("nonfinite_blocks_regenerated", 0))
+                    totals["call_rows"] = min(totals["call_rows"],
+                                              int(part.attrs.get("call_rows", micro)))
+                if data.shape != (b - a, *shape) or data.dtype != dtype:
+                    raise DataError(f"{p}: {task.dataset} of {data.dtype} {data.shape}, expected "
+                                    f"{dtype} {(b - a, *shape)}; delete it and rerun")
+                ds[a:b] = data
             f.create_dataset("labels", data=plan.labels.astype(np.int64))
             f.create_dataset("prompt_index", data=plan.prompt_index.astype(np.int32))
             f.create_dataset("guidance", data=plan.guidance.astype(np.float32))
             f.create_dataset("seed", data=plan.seeds.astype(np.int64))
             f.create_dataset("prompts", data=np.array(plan.prompts, dtype=object),
                              dtype=h5py.string_dtype("utf-8"))
-            for k, v in attrs.items():
+            for k, v in {**attrs, **totals}.items():
                 f.attrs[k] = v
         os.chmod(tmp, file_mode())  # mkstemp makes 0600; a finished set is shared like any file
     shutil.rmtree(pdir, ignore_errors=True)
+    return totals
 
 
 # --------------------------------------------------------------------------------------------
@@ -448,17 +383,13 @@ def _root_decides(comm: Any, fn: Any) -> Any:
     return res["ok"]
 
 
-def _agree(comm: Any, n_images: int, err: BaseException | None) -> tuple[int, bool]:
-    """One small allreduce per batch: (images written by all, stop requested anywhere)."""
-    flags = np.array([n_images, int(signals.stop_requested()), int(err is not None)],
+def _agree(comm: Any, n_samples: int, err: BaseException | None) -> tuple[int, bool, bool]:
+    """One small allreduce per block: (samples made by all, stop requested anywhere, any
+    process failed)."""
+    flags = np.array([n_samples, int(signals.stop_requested()), int(err is not None)],
                      dtype=np.int64)
     comm.allreduce_sum_(flags)
-    if err is not None:
-        raise err
-    if flags[2]:
-        raise CommError("synthesis: another process failed (see its log line); rerun the same "
-                        "command to resume")
-    return int(flags[0]), bool(flags[1])
+    return int(flags[0]), bool(flags[1]), bool(flags[2])
 
 
 class _Progress:
@@ -483,34 +414,111 @@ class _Progress:
 
 
 # --------------------------------------------------------------------------------------------
+# this process's generator
+
+
+class _BlockRunner:
+    """Generates one block at the fixed call shape; regenerates non-finite blocks in fp32."""
+
+    def __init__(self, kind: GeneratorKind, spec: GeneratorSpec, gen_cfg: Any, task: Task,
+                 device: Any, dtype: str, micro: int) -> None:
+        self.kind, self.spec, self.gen_cfg, self.task = kind, spec, gen_cfg, task
+        self.device, self.dtype = device, dtype
+        self.what = f"{kind.name} generator"
+        self.sampler = kind.load(spec, gen_cfg, task, device, dtype)
+        self.shape = CallShape(micro, what=self.what, compiled=gen_cfg.compile)
+        self.fp32: tuple[Sampler, CallShape] | None = None
+        self.regenerated = 0
+
+    def __call__(self, rows: Plan, block: int, start: int) -> tuple[np.ndarray, bool]:
+        """(samples of the block's real rows, whether it was regenerated in fp32)."""
+        try:
+            return self._run(self.sampler, self.shape, rows), False
+        except NonFiniteOutput as e:
+            bad = e
+        where = f"block {block} (samples {start}..{start + len(rows) - 1})"
+        if self.dtype == "fp32":
+            raise ModelError(f"synthesis: {where}: {bad.rows} of {bad.total} samples of "
+                             f"generator {self.spec.path} are not finite (NaN/Inf) in fp32; the "
+                             "generator is broken for these inputs (check its weights, gen.steps "
+                             "and gen.scheduler)") from None
+        log.warning("synthesis: %s: %d of %d samples are not finite in %s; regenerating the "
+                    "block in fp32", where, bad.rows, bad.total, self.dtype)
+        if self.fp32 is None:
+            self.fp32 = (self.kind.load(self.spec, self.gen_cfg, self.task, self.device, "fp32"),
+                         CallShape(self.shape.rows, what=f"{self.what} (fp32)",
+                                   compiled=self.gen_cfg.compile))
+        try:
+            out = self._run(*self.fp32, rows)
+        except NonFiniteOutput as e:
+            raise ModelError(f"synthesis: {where}: {e.rows} of {e.total} samples of generator "
+                             f"{self.spec.path} are not finite (NaN/Inf) in {self.dtype} and in "
+                             "fp32 too; the generator is broken for these inputs (check its "
+                             "weights, gen.steps and gen.scheduler)") from None
+        self.regenerated += 1
+        return out, True
+
+    @property
+    def call_rows(self) -> int:
+        return min(self.shape.rows, self.fp32[1].rows if self.fp32 else self.shape.rows)
+
+    def _run(self, sampler: Sampler, shape: CallShape, rows: Plan) -> np.ndarray:
+        texts = rows.prompt_texts()
+        want = (*self.task.sample_shape,)
+
+        def call(idx: np.ndarray) -> np.ndarray:
+            out = np.asarray(sampler(rows.labels[idx], [texts[i] for i in idx],
+                                     rows.guidance[idx], rows.seeds[idx]))
+            if out.shape != (len(idx), *want) or out.dtype != np.dtype(self.task.dtype):
+                raise ModelError(f"{self.what} returned {out.dtype} {out.shape}; expected "
+                                 f"{self.task.dtype} {(len(idx), *want)}")
+            return out
+
+        return shape.run(call, len(rows))
+
+
+# --------------------------------------------------------------------------------------------
 # main entry
 
 
-def synthesize(gen_cfg: Any, *, generator_dir: str | Path, label_names: list[str],
-               out_shape: tuple[int, int, int], n_total: int, out_path: str | Path, seed: int,
-               comm: Any, device: str = "auto") -> Path:
+def synthesize(gen_cfg: Any, *, generator_dir: str | Path | None, label_names: list[str],
+               out_shape: tuple[int, int, int] | None = None, n_total: int,
+               out_path: str | Path, seed: int, comm: Any, device: str = "auto",
+               spec: GeneratorSpec | None = None, task: Task | None = None) -> Path:
     """Generate `n_total` labelled samples with the generator in `generator_dir` into `out_path`.
 
     Every process of `comm` must call it; the work is split across them (one GPU per process on
     GPU nodes). Returns `out_path`. Skips if `out_path` is finished for the same request; resumes
-    from `<out_path>.parts/` after a kill; raises Preempted at a batch boundary when asked to stop.
+    from `<out_path>.parts/` after a kill; raises Preempted after a block when asked to stop.
+    `spec` (optional): the generator already opened (``registry.open_generator``); `task`
+    (optional): what to generate, default uint8 images of `out_shape` for `label_names`.
     """
     from gptfl_hpc.parallel.accel import accelerator, want_cuda
 
     signals.install()
     out_path = Path(out_path)
     label_names = list(label_names)
-    kind = check_inputs(gen_cfg, generator_dir=generator_dir, label_names=label_names,
-                        out_shape=tuple(out_shape), n_total=n_total, seed=seed)
-    out_shape = tuple(int(v) for v in out_shape)
+    if task is None:
+        if out_shape is None:
+            raise DataError("synthesis: out_shape is required (or a task)")
+        task = Task.image(label_names, out_shape)
+    if list(task.label_names) != label_names:
+        raise ConfigError(f"synthesis: label names {label_names} differ from the task's "
+                          f"{list(task.label_names)}; valid: the same list")
+    _check_scalars(n_total, seed)
+    task.check()
+    generator = spec if spec is not None else generator_dir
+    if generator is None:
+        raise ModelError("synthesis: no generator given; valid: generator_dir or spec")
+    spec = GeneratorSpec.from_json(_root_decides(comm, lambda: check_inputs(
+        gen_cfg, generator=generator, task=task, n_total=n_total, seed=seed).to_json()))
+    kind = kind_of(spec)
     device_type = "cuda" if want_cuda(device) else "cpu"
-    dtype = resolve_dtype(gen_cfg.dtype, device_type)
-    micro = gen_cfg.micro_batch or (CPU_MICRO_BATCH if device_type == "cpu" else
-                                    gen_cfg.batch_size)
-    per_batch = max(1, -(-gen_cfg.batch_size // micro))
+    resolved = synthesis_numerics(gen_cfg, spec, device_type)
+    dtype, micro = resolved["dtype"], resolved["micro_batch"]
+    per_part = max(1, -(-gen_cfg.batch_size // micro))
     n_blocks = -(-n_total // micro)
-    fp = fingerprint(generator_dir)
-    request = _request(gen_cfg, kind=kind, fp=fp, label_names=label_names, out_shape=out_shape,
+    request = _request(gen_cfg, kind=spec.family, fp=spec.fingerprint, task=task,
                        n_total=n_total, seed=seed)
     import torch
 
@@ -527,94 +535,107 @@ def synthesize(gen_cfg: Any, *, generator_dir: str | Path, label_names: list[str
     plan = build_plan(dataclasses.replace(gen_cfg, expand_prompts=None), label_names, n_total,
                       seed)
     plan.prompts = list(decision["prompts"])
-    todo = np.ones(n_blocks, dtype=bool)
-    todo[np.asarray(decision["done"], dtype=np.int64)] = False
-    batches = _batches(todo, per_batch)
-    n_done = n_total - sum(min(e * micro, n_total) - s * micro for s, e in batches)
+    done = np.zeros(n_blocks, dtype=bool)
+    done[np.asarray(decision["done"], dtype=np.int64)] = True
+    todo = np.flatnonzero(~done).tolist()
+    n_done = n_total - sum(min((b + 1) * micro, n_total) - b * micro for b in todo)
     pdir = parts_dir(out_path)
     t0 = time.perf_counter()
     with accelerator(comm, device=device, mixed_precision="no") as acc:
-        with acc.split_between_processes(batches) as mine:
+        with acc.split_between_processes(todo) as mine:
             mine = list(mine)
         n_iter = max(comm.allgather_json(len(mine)))
         if comm.rank == 0:
-            log.info("synthesis: %d samples of %s (%d classes) with %s generator %s on %d "
-                     "process(es) (%s, %s); %d done, %d batches of <= %d to go (blocks of %d)",
-                     n_total, "x".join(map(str, out_shape)), len(label_names), kind,
-                     generator_dir, comm.size, acc.device, dtype, n_done, len(batches),
-                     per_batch * micro, micro)
-            if micro * per_batch != gen_cfg.batch_size:
-                log.info("gen.batch_size %d rounded up to %d (a multiple of micro_batch %d)",
-                         gen_cfg.batch_size, micro * per_batch, micro)
-        sampler, err = None, None
+            log.info("synthesis: %d samples of %s %s (%d classes) with %s generator %s (%s) on "
+                     "%d process(es) (%s, %s); %d done, %d blocks of %d to go; parts of <= %d "
+                     "blocks or ~%.0f s", n_total, "x".join(map(str, task.sample_shape)),
+                     task.dtype, len(label_names), spec.family, spec.path, kind.name, comm.size,
+                     acc.device, dtype, n_done, len(todo), micro, per_part, PART_SECONDS)
+        runner, err = None, None
         if n_iter:
             try:
-                sampler = load_sampler(generator_dir, gen_cfg=gen_cfg, out_shape=out_shape,
-                                       num_classes=len(label_names), device=acc.device,
-                                       dtype=dtype, label_names=label_names)
+                runner = _BlockRunner(kind, spec, gen_cfg, task, acc.device, dtype, micro)
             except Exception as e:  # agree below, so no process hangs in a collective
                 err = e
-            _agree(comm, 0, err)
-        progress = _Progress(n_total, n_done) if comm.rank == 0 else None
-        for it in range(n_iter):
-            written = 0
-            if it < len(mine):
-                try:
-                    written = _run_batch(sampler, plan, mine[it], micro=micro, pdir=pdir)
-                    signals.boundary()
-                except Exception as e:
-                    err = e
-            total, stop = _agree(comm, written, err)
-            if progress is not None:
-                progress.update(total)
-            if stop and it + 1 < n_iter:
-                done_now = n_done + (progress.done - n_done if progress else 0)
-                raise Preempted(f"synthesis stopped by {signals.reason()} at a batch boundary "
-                                f"({done_now}/{n_total} samples saved in {pdir}); rerun the "
-                                "same command to resume")
+            _, _, failed = _agree(comm, 0, err)
+            _raise_failure(err, failed)
+        writer = _PartWriter(pdir, task, micro=micro, max_blocks=per_part)
+        _run_blocks(comm, runner, writer, plan, mine, n_iter, micro=micro, n_done=n_done)
     wall = time.perf_counter() - t0
 
-    def finish() -> None:
+    def finish() -> dict:
         import diffusers
 
-        attrs = {"format_version": FORMAT_VERSION, "generator": str(generator_dir),
-                 "generator_fingerprint": fp, "kind": kind, "steps": gen_cfg.steps,
+        attrs = {"format_version": FORMAT_VERSION, "generator": str(spec.path),
+                 "generator_fingerprint": spec.fingerprint, "kind": spec.family,
+                 "generator_kind": spec.kind, "steps": gen_cfg.steps,
                  "scheduler": gen_cfg.scheduler, "seed": int(seed), "n_total": int(n_total),
                  "num_classes": len(label_names), "label_names": json.dumps(label_names),
-                 "out_shape": json.dumps(list(out_shape)),
+                 "out_shape": json.dumps(list(task.sample_shape)),
                  "config": json.dumps(dataclasses.asdict(gen_cfg)),
                  "request": _canon(request), "micro_batch": micro, "dtype": dtype,
                  "device_type": device_type, "num_processes": comm.size,
                  "wall_s": round(wall, 2),
                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "torch": str(torch.__version__), "diffusers": str(diffusers.__version__)}
-        _merge(out_path, plan, micro=micro, out_shape=out_shape, attrs=attrs)
+        return _merge(out_path, plan, micro=micro, task=task, attrs=attrs)
 
-    _root_decides(comm, finish)
+    totals = _root_decides(comm, finish)
     if comm.rank == 0:
-        log.info("synthetic set written: %s (%d samples, %.0f s)", out_path, n_total, wall)
+        log.info("synthetic set written: %s (%d samples, %.0f s; %d block(s) regenerated in fp32 "
+                 "for non-finite outputs; smallest call %d rows)", out_path, n_total, wall,
+                 totals["nonfinite_blocks_regenerated"], totals["call_rows"])
     return out_path
 
 
-def _run_batch(sampler: Sampler, plan: Plan, batch: tuple[int, int], *, micro: int,
-               pdir: Path) -> int:
-    """Generate blocks [first, end) one fixed-shape call per block; write one part file."""
-    first, end = batch
-    n = len(plan)
-    start, stop = first * micro, min(end * micro, n)
-    out = []
-    for b in range(first, end):
-        a, z = b * micro, min((b + 1) * micro, n)
-        idx = np.arange(a, a + micro)
-        idx[idx >= z] = z - 1  # pad the last, short block by repeating its last sample
-        rows = plan.take(idx)
-        imgs = sampler(rows.labels, rows.prompt_texts(), rows.guidance, rows.seeds)
-        out.append(np.asarray(imgs)[: z - a])
-    images = np.concatenate(out)
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise ModelError(f"sampler returned {images.dtype} {images.shape}; expected uint8 "
-                         "(B, H, W, C)")
-    with contextlib.suppress(FileExistsError):
-        pdir.mkdir(parents=True, exist_ok=True)
-    _write_part(pdir, first, end, images, start)
-    return stop - start
+def _run_blocks(comm: Any, runner: _BlockRunner | None, writer: _PartWriter, plan: Plan,
+                mine: list[int], n_iter: int, *, micro: int, n_done: int) -> None:
+    """This process's blocks, in lockstep with the others: one agreement per block, so a stop
+    or an error anywhere ends every process after the same block, with its blocks saved."""
+    n_total = len(plan)
+    progress = _Progress(n_total, n_done) if comm.rank == 0 else None
+    made_all, err = 0, None
+    for it in range(n_iter):
+        made = 0
+        if it < len(mine) and runner is not None:
+            try:
+                made = _one_block(runner, writer, plan, mine, it, micro)
+                signals.boundary()
+            except Exception as e:  # agree below, so no process hangs in a collective
+                err = e
+        total, stop, failed = _agree(comm, made, err)
+        if failed:
+            with contextlib.suppress(Exception):  # keep the finished blocks
+                writer.flush()
+            _raise_failure(err, failed)
+        made_all += total
+        if progress is not None:
+            progress.update(total)
+        if stop:
+            writer.flush()
+            if it + 1 < n_iter:
+                raise Preempted(f"synthesis stopped by {signals.reason()} after a block "
+                                f"({n_done + made_all}/{n_total} samples saved in "
+                                f"{writer.pdir}); rerun the same command to resume")
+    writer.flush()
+
+
+def _one_block(runner: _BlockRunner, writer: _PartWriter, plan: Plan, mine: list[int], it: int,
+               micro: int) -> int:
+    """Generate block mine[it], add it to the open part, close the part when due."""
+    b = mine[it]
+    a, z = b * micro, min((b + 1) * micro, len(plan))
+    t = _clock()
+    samples, regenerated = runner(plan.take(np.arange(a, z)), b, a)
+    writer.add(b, samples, _clock() - t, regenerated=regenerated, call_rows=runner.call_rows)
+    if writer.due(mine[it + 1] if it + 1 < len(mine) else None):
+        writer.flush()
+    return z - a
+
+
+def _raise_failure(err: BaseException | None, failed: bool) -> None:
+    if err is not None:
+        raise err
+    if failed:
+        raise CommError("synthesis: another process failed (see its log line); rerun the same "
+                        "command to resume")
