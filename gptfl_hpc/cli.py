@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from gptfl_hpc.log import init_logging
+    from gptfl_hpc.numerics import set_process_env
 
+    set_process_env()  # before torch is imported (MKL reads it when it loads)
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     # overrides may also come after options: `federate CFG --out D fl.rounds=5`
@@ -82,55 +84,81 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _dispatch(args, cfg) or 0
     except GptflError as e:
-        msg = f"gptfl-hpc {args.command}: error: {e}"
-        sys.stderr.write(f"[gptfl r{rank}] {msg}\n")
-        sys.stderr.flush()
-        _abort_world(e.exit_code)
-        return e.exit_code
+        return _fail(args.command, rank, str(e), e.exit_code)
+    except OSError as e:  # the file system: a full disk, a read-only or missing path, ...
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return _fail(args.command, rank, f"{where}{e.strerror or e}", 2)
+    except MemoryError:
+        return _fail(args.command, rank, "out of memory (MemoryError); lower the sizes in the "
+                     "config (batch sizes, gen.count, data) or use a node with more memory", 2)
     except KeyboardInterrupt:
         _abort_world(130)
         return 130
 
 
+def _fail(command: str, rank: int, message: str, code: int) -> int:
+    """One line on stderr, then end every rank (MPI_Abort) with `code`."""
+    text = " ".join(message.split())
+    sys.stderr.write(f"[gptfl r{rank}] gptfl-hpc {command}: error: {text}\n")
+    sys.stderr.flush()
+    _abort_world(code)
+    return code
+
+
 def _dispatch(args: argparse.Namespace, cfg) -> int | None:
-    out = Path(args.out) if args.out else None
     cmd = args.command
-    if cmd not in ("submit", "scale", "render-slurm"):
-        # on every rank from the start: a rank idle during the server phase (clients wait while
-        # rank 0 synthesises) must not die of Slurm's USR1/TERM; it keeps the stop request
-        # for its next safe boundary, as the busy ranks do
-        from gptfl_hpc import signals
-
-        signals.install()
-    if cmd == "prepare":
-        from gptfl_hpc.data.prepare import prepare_data
-
-        prepare_data(cfg.data, seed=cfg.run.seed, out_dir=out)
-    elif cmd == "train-generator":
-        from gptfl_hpc.pipeline import stage_train_generator
-
-        stage_train_generator(cfg, out)
-    elif cmd == "synthesize":
-        from gptfl_hpc.pipeline import stage_synthesize
-
-        stage_synthesize(cfg, out, generator=args.generator)
-    elif cmd == "pretrain":
-        from gptfl_hpc.pipeline import stage_pretrain
-
-        stage_pretrain(cfg, out, synthetic=args.synthetic)
-    elif cmd == "federate":
-        from gptfl_hpc.fl.engine import federate
-
-        federate(cfg, out, resume=args.resume)
-    elif cmd == "run":
-        from gptfl_hpc.pipeline import run_pipeline
-
-        run_pipeline(cfg, out)
-    elif cmd in ("submit", "scale", "render-slurm"):
+    if cmd in ("submit", "scale", "render-slurm"):
         from gptfl_hpc.launch.cli_args import run_launch_command
 
         return run_launch_command(cmd, args, cfg)
+    import dataclasses
+
+    from gptfl_hpc import pipeline as pl
+    from gptfl_hpc import signals
+    from gptfl_hpc.errors import Preempted
+    from gptfl_hpc.parallel.comm import get_comm, on_root
+
+    # on every rank from the start: a rank idle during the server phase (clients wait while
+    # rank 0 synthesises) must not die of Slurm's USR1/TERM; it keeps the stop request for its
+    # next safe boundary, as the busy ranks do
+    signals.install()
+    out = Path(args.out)
+    comm = get_comm()
+    on_root(comm, lambda: pl.lock(out))  # one command per --out at a time
+    resume = bool(getattr(args, "resume", False))
+    if cmd == "prepare":  # --out is the data directory itself
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dir=str(out)))
+    data = pl.stage_prepare(cfg, out, comm)
+    if cmd == "train-generator":
+        pl.stage_generator(cfg, out, comm, data, resume)
+    elif cmd in ("synthesize", "pretrain"):
+        syn = None
+        if cmd == "pretrain" and args.synthetic:
+            syn = pl.Output(Path(args.synthetic), _input_digest(args.synthetic), {})
+        else:
+            gen = (pl.Output(Path(args.generator), _input_digest(args.generator), {})
+                   if cmd == "synthesize" and args.generator
+                   else pl.stage_generator(cfg, out, comm, data, resume))
+            syn = pl.stage_synthesize(cfg, out, comm, data, gen, resume)
+        if cmd == "pretrain":
+            pl.stage_pretrain(cfg, out, comm, data, syn, resume)
+    elif cmd == "federate":
+        pl.stage_federate(cfg, out, comm, data, cfg.fl.init, resume)
+    elif cmd == "run":
+        pl.run_pipeline(cfg, out, resume, comm, data)
+    if signals.stop_requested():  # never exit 0 after swallowing a stop request
+        raise Preempted(f"stop requested ({signals.reason()}) while `{cmd}` finished; its "
+                        "outputs are complete")
     return 0
+
+
+def _input_digest(path: str) -> str:
+    from gptfl_hpc import provenance
+    from gptfl_hpc.errors import DataError
+
+    if not Path(path).exists():
+        raise DataError(f"{path}: not found")
+    return provenance.digest(path)
 
 
 def _rank_from_env() -> int:

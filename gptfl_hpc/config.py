@@ -23,7 +23,8 @@ from gptfl_hpc.errors import ConfigError
 
 # Kept here (not imported from gptfl_hpc.models) so validating a config never imports torch.
 # tests/test_models.py asserts that this tuple equals the registry's keys.
-MODEL_NAMES = ("digits_cnn", "convnet", "resnet20", "resnet18")
+MODEL_NAMES = ("digits_cnn", "convnet", "resnet20", "resnet18", "resnet50", "vgg19",
+               "simple_cnn", "audio_crnn", "audio_cnn")
 ALGORITHMS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 
 frozen = dataclass(frozen=True, kw_only=True, slots=True)
@@ -52,6 +53,10 @@ class RunConfig:
     workers train (and the server evaluates) on their node-local GPU."""
     methods: list[str] = field(default_factory=lambda: ["gptfl", "fedavg", "synthetic_only"])
     """Methods that ``gptfl-hpc run`` compares (subset of gptfl, fedavg, synthetic_only)."""
+    rendezvous: str | None = None
+    """Multi-host server phase only: the address or network interface (e.g. ib0) rank 0 listens
+    on for the server processes' torch.distributed rendezvous; null: the interface of the
+    default route (GPTFL_RENDEZVOUS overrides). One host: always loopback."""
     server_processes: int = 0
     """Ranks that synthesise and pretrain (accelerate/DDP). 0 = one per visible GPU on the
     node (1 on CPU). The other ranks wait (sleeping) until the FL stage."""
@@ -161,6 +166,18 @@ class FLConfig:
     keep_checkpoints: int = 2
     target_accuracy: float = 0.9
     """summary.json reports the first round whose test accuracy reaches this."""
+    aggregation: Literal["exact", "float32"] = "exact"
+    """exact: the round's weighted updates are summed in int64 fixed point (grid 2**-40), so
+    the new global model is bit-identical for any rank count, placement and reduction order;
+    float32: the plain float32 sum (half the bytes; last-bit differences across rank counts).
+    See gptfl_hpc/fl/aggregate.py."""
+    placement: Literal["balanced", "static"] = "balanced"
+    """balanced: each round's sampled clients are spread over the client ranks by expected cost
+    (samples x local epochs), so no rank waits for a busier one; a client rank then reads the
+    shards of the clients it trains that round (never the server). static: clients are pinned
+    to ranks once and each rank only ever opens its own clients' shards."""
+    client_cache_mb: int = 2048
+    """balanced placement: client shards a rank keeps in memory between rounds (LRU, MiB)."""
     sync: Literal["replicated", "bcast"] = "replicated"
     """replicated: every rank applies the (deterministic) server step to the Allreduce result,
     so a round exchanges exactly ONE collective; rank 0 re-broadcasts its weights at every
@@ -182,6 +199,7 @@ class FLConfig:
         _check(0 <= self.server_beta2 < 1, "fl.server_beta2", self.server_beta2, "[0, 1)")
         _check(self.server_tau > 0, "fl.server_tau", self.server_tau, "> 0")
         _check(self.prox_mu >= 0, "fl.prox_mu", self.prox_mu, ">= 0")
+        _check(self.client_cache_mb >= 0, "fl.client_cache_mb", self.client_cache_mb, ">= 0")
         _check(self.client_weight_decay >= 0, "fl.client_weight_decay", self.client_weight_decay,
                ">= 0")
         _check(0 < self.target_accuracy <= 1, "fl.target_accuracy", self.target_accuracy,
@@ -559,6 +577,8 @@ def load_raw(path: str | os.PathLike | None) -> dict:
                           "YAML file") from None
     try:
         raw = yaml.load(text, Loader=_strict_loader())  # noqa: S506 (a SafeLoader subclass)
+    except ConfigError as e:
+        raise ConfigError(f"config file {p}: {e}") from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""

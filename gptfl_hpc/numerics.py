@@ -10,15 +10,19 @@ on the thread count:
 * oneDNN (mkldnn) convolutions are switched off: their weight gradient splits the batch over the
   threads and reduces the partial sums in a thread-count-dependent order. NNPACK likewise. The
   native convolution (im2col + GEMM) is used instead.
-* MKL runs in strict conditional-numerical-reproducibility mode (``MKL_CBWR=AUTO,STRICT``),
-  whose GEMMs give the same bits at any thread count. MKL reads the variable when it loads, so
-  the CLI sets it before torch is imported (:func:`set_process_env`); a library user sets it in
-  the environment (``tests/conftest.py`` does).
+* MKL's own GEMM threading is switched off on the training thread (``mkl_set_num_threads_local
+  (1)``): MKL splits small GEMMs (e.g. a 7x128 @ 128x10 classifier on a short last batch) over
+  its threads in a thread-count-dependent way. The convolutions still use every thread (ATen
+  parallelises the native convolution over the batch, one sequential GEMM per sample), and MKL
+  runs in conditional-numerical-reproducibility mode (``MKL_CBWR=AUTO,STRICT``), so its results
+  do not depend on memory alignment either. MKL reads that variable when it loads, so the CLI
+  sets it before torch is imported (:func:`set_process_env`); a library user sets it in the
+  environment (``tests/conftest.py`` does).
 * The project's own code never reduces a large tensor with torch on the training path
   (FedProx's proximal gradient is applied elementwise; update norms use numpy).
 
-Measured cost on 2 cores: none for the small CNNs (digits_cnn, simple_cnn: the native path is as
-fast or faster at these sizes), about 1.7-2.9x slower steps for the ResNets. ``fast`` restores
+Measured cost on 2 cores: see the README ("CPU numerics"); none for the small CNNs, slower steps
+for the ResNets. ``fast`` restores
 oneDNN/NNPACK: then results depend on the threads per rank, and so on the rank count (stated in
 the README). What stays CPU-dependent either way: ATen and MKL pick AVX2 or AVX-512 code paths by
 CPU, so an Intel and an AMD machine (or two CPU generations) may differ in the last bits.
@@ -32,6 +36,8 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +54,65 @@ def mkl_strict() -> bool:
     return "STRICT" in os.environ.get(MKL_ENV[0], "").upper()
 
 
+_MKL: dict[str, Any] = {}
+
+
+def _mkl_local() -> Any:
+    """MKL's thread-local thread-count setter of this torch build, or None."""
+    if "fn" not in _MKL:
+        import ctypes
+
+        import torch
+
+        fn = None
+        if torch.backends.mkl.is_available():
+            lib = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+            for name in (str(lib), "libmkl_rt.so", "libmkl_rt.so.2"):
+                try:
+                    fn = ctypes.CDLL(name).mkl_set_num_threads_local
+                    break
+                except (OSError, AttributeError):
+                    continue
+        _MKL["fn"] = fn
+    return _MKL["fn"]
+
+
+def pin_gemm_threads(enabled: bool) -> bool:
+    """MKL GEMMs single-threaded on this thread (enabled) or back to the global setting.
+
+    Returns False when this torch build exposes no MKL thread control (then GEMM invariance
+    rests on the BLAS library: OpenBLAS splits rows/columns, not the reduction)."""
+    import ctypes
+
+    fn = _mkl_local()
+    if fn is None:
+        return False
+    fn(ctypes.byref(ctypes.c_int(1 if enabled else 0)))  # Fortran-style: by reference
+    return True
+
+
+_ACTIVE = {"invariant": False}
+
+
+def set_threads(n: int) -> None:
+    """torch.set_num_threads, keeping MKL's GEMMs pinned under invariant kernels (torch resets
+    MKL's thread-local setting whenever the thread count changes)."""
+    import torch
+
+    torch.set_num_threads(int(n))
+    if _ACTIVE["invariant"]:
+        _pin_now()
+
+
+def _pin_now() -> bool:
+    """Pin MKL after torch's lazy per-thread initialisation has run: the first
+    at::get_num_threads() after torch.set_num_threads() re-applies torch's count to MKL."""
+    import torch
+
+    torch.get_num_threads()
+    return pin_gemm_threads(True)
+
+
 @contextlib.contextmanager
 def training_kernels(mode: str, device_type: str = "cpu") -> Iterator[None]:
     """Training kernels for `mode` ('invariant' or 'fast') on `device_type`, restored after.
@@ -60,18 +125,26 @@ def training_kernels(mode: str, device_type: str = "cpu") -> Iterator[None]:
     if mode not in KERNELS:
         raise ValueError(f"cpu kernels {mode!r}; valid: {', '.join(KERNELS)}")
     saved = (torch.backends.mkldnn.enabled, torch._C._get_nnpack_enabled(),
-             torch.backends.cudnn.benchmark)
+             torch.backends.cudnn.benchmark, _ACTIVE["invariant"])
     invariant = mode == "invariant" and device_type == "cpu"
-    if invariant and not mkl_strict():
+    if invariant and not mkl_strict() and torch.backends.mkl.is_available():
         log.warning("MKL_CBWR is not set to a STRICT mode in this process's environment: GEMM "
-                    "results may depend on the thread count (set MKL_CBWR=AUTO,STRICT before "
+                    "results may depend on memory alignment (set MKL_CBWR=AUTO,STRICT before "
                     "starting Python; the gptfl-hpc command does this itself)")
     try:
         torch.backends.mkldnn.enabled = not invariant
         torch.backends.nnpack.set_flags(not invariant)
         torch.backends.cudnn.benchmark = False
+        _ACTIVE["invariant"] = invariant
+        if invariant and not _pin_now() and not _MKL.get("warned"):
+            _MKL["warned"] = True
+            log.info("no MKL thread control in this torch build; CPU GEMM invariance across "
+                     "thread counts relies on its BLAS library")
         yield
     finally:
         torch.backends.mkldnn.enabled = saved[0]
         torch.backends.nnpack.set_flags(bool(saved[1]))
         torch.backends.cudnn.benchmark = saved[2]
+        _ACTIVE["invariant"] = saved[3]
+        if invariant:
+            pin_gemm_threads(saved[3])

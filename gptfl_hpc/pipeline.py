@@ -1,18 +1,18 @@
-"""`gptfl-hpc run`: the whole GPT-FL method plus its baselines, each stage skipped when complete.
+"""The stages of GPT-FL, each one command, and `gptfl-hpc run` = all of them plus the baselines.
 
-Stages (all ranks call every stage; server stages run on the first `server_processes` ranks
-while the others wait without spinning):
+1. prepare      data shards (rank 0)                          -> <data dir>/      (data.dir or <out>/data)
+2. generator    the embedded generator (rank 0)               -> <out>/generator/
+3. synthesize   labelled synthetic set (server ranks)         -> <out>/synthetic.h5
+4. pretrain     downstream model on it (server ranks, DDP)    -> <out>/pretrained.safetensors
+5. federate     GPT-FL: FL initialised from the pretrained model   -> <out>/gptfl/
+6. federate     FedAvg from random init, SAME client sequence       -> <out>/fedavg/
+7. report       report.md, accuracy.png, samples.png (rank 0)
 
-1. prepare      data shards (rank 0)                         -> <out>/data/
-2. generator    train the embedded generator (rank 0)        -> <out>/generator/
-3. synthesize   labelled synthetic set (server ranks)        -> <out>/synthetic.h5
-4. pretrain     downstream model on it (server ranks, DDP)   -> <out>/pretrained.safetensors
-5. federate     GPT-FL: FL initialised from the pretrained model      -> <out>/gptfl/
-6. federate     FedAvg from random init, SAME client sequence          -> <out>/fedavg/
-7. report       report.md, accuracy.png, samples.png, comparison table (rank 0)
-
-Every stage writes atomically and resumes after preemption; rerunning `run` on the same --out
-continues where it stopped (Slurm requeue does exactly this).
+Every stage goes through :func:`_stage`: rank 0 locks the stage's directory, computes the stage's
+request (gptfl_hpc/provenance.py) and asks for its status there. A complete output of this
+request is reused; an output or partial state of any other request is refused with the keys
+that differ; otherwise the stage runs on its ranks and rank 0 commits the record last. A stage
+with partial state of this request (a checkpoint) continues it only with ``--resume``.
 """
 
 from __future__ import annotations
@@ -22,236 +22,358 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from gptfl_hpc.errors import ConfigError
+from gptfl_hpc import faults, provenance, signals
+from gptfl_hpc.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 SHIPPED_GENERATOR = ASSETS / "digits-generator"
+GENERATOR_OUTPUTS = {"unet": "unet", "scheduler": "scheduler"}
+_LOCKS: list[Any] = []  # directory locks this process holds until it exits
 
 
-# ---- helpers ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Output:
+    """A stage's result: where it is, its content digest, and its record's extra info."""
 
-def data_dir_of(cfg, out: Path) -> Path:
-    return Path(cfg.data.dir) if cfg.data.dir else out / "data"
-
-
-def server_threads(comm, requested: int = 0) -> None:
-    """Server stages: the waiting ranks sleep, so the server ranks share the node's cores."""
-    import torch
-
-    from gptfl_hpc.fl.engine import cores_per_rank
-
-    torch.set_num_threads(cores_per_rank(min(comm.cpu_sharers, server_count(comm, requested))))
+    path: Path
+    digest: str
+    info: dict
 
 
-def server_count(comm, requested: int = 0) -> int:
-    """Ranks taking part in synthesis/pretraining: one per visible GPU, 1 on CPU."""
-    if requested:
-        return min(requested, comm.size)
-    import torch
-
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return max(1, min(gpus, comm.local_size, comm.size))
+@dataclass(frozen=True)
+class Prepared:
+    manifest: Any
+    dir: Path
+    digest: str
 
 
-def on_rank0(comm, fn):
-    """Run fn on rank 0 while the others wait (sleeping); errors abort the job via the CLI."""
-    result = fn() if comm.rank == 0 else None
-    comm.barrier()
-    return result
+def data_dir_of(cfg: Any, out: Path) -> Path:
+    return Path(cfg.data.dir) if cfg.data.dir else Path(out) / "data"
 
 
-def _stage_times(out: Path) -> dict:
-    p = out / "stages.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+def lock(directory: Path, what: str = "--out", wait: float = 0.0) -> None:
+    """Lock `directory` for the rest of this command (rank 0 only; see fsio.DirLock)."""
+    from gptfl_hpc.fsio import DirLock
+
+    lk = DirLock(directory, what=what, wait=wait)
+    lk.acquire()
+    _LOCKS.append(lk)
 
 
-def _record_stage(out: Path, name: str, seconds: float, skipped: bool) -> None:
-    from gptfl_hpc.fsio import write_json
+def _stage(name: str, comm: Any, directory: Path, req: provenance.Request, *, what: str,
+           outputs: dict[str, str], work: Any, lock_what: str = "--out",
+           lock_wait: float = 0.0, lock_dir: Path | None = None) -> Output:
+    """Run (or reuse) one stage; see the module docstring. `work()` runs on every rank and
+    returns the record's extra info on rank 0."""
+    from gptfl_hpc.parallel.comm import on_root
 
-    times = _stage_times(out)
-    if skipped and name in times:
-        return  # keep the time measured when the stage actually ran
-    times[name] = {"seconds": round(seconds, 3), "skipped": skipped}
-    write_json(out / "stages.json", times)
+    t0 = time.perf_counter()
+    faults.point(name, comm.rank)
+
+    def decide() -> str:
+        lock(lock_dir or directory, lock_what, lock_wait)
+        state = provenance.status(directory, req, what=what, outputs=outputs)
+        if state == "extend":  # the old record no longer describes what is being written
+            provenance.record_path(directory, name).unlink()
+        return state
+
+    state = on_root(comm, decide)
+    if state == "complete":
+        if comm.rank == 0:
+            log.info("== stage %s: complete for this request in %s (reused)", name, directory)
+    else:
+        if comm.rank == 0:
+            log.info("== stage %s%s", name, " (extending a finished run)" if state == "extend"
+                     else "")
+        info = work()
+
+        def commit() -> None:
+            provenance.write_record(directory, req, outputs,
+                                    seconds=round(time.perf_counter() - t0, 3),
+                                    **(info or {}), env=provenance.environ_fingerprint())
+
+        on_root(comm, commit)
+    if signals.stop_requested():  # a stage without internal boundaries honours it here
+        from gptfl_hpc.errors import Preempted
+
+        comm.barrier()
+        raise Preempted(f"stopped after stage {name} ({signals.reason()}); its output is "
+                        "complete; rerun with --resume to continue")
+
+    def read() -> dict:
+        rec = provenance.read_record(directory, name) or {}
+        main = next(iter(outputs))
+        return {"path": str(provenance.output_path(directory, rec, main)),
+                "digest": rec["outputs"][main]["digest"],
+                "info": {k: v for k, v in rec.items() if k not in ("request", "outputs")}}
+
+    r = on_root(comm, read)
+    return Output(Path(r["path"]), r["digest"], r["info"])
 
 
-class _Stage:
-    def __init__(self, out: Path, name: str, comm, done: bool) -> None:
-        self.out, self.name, self.comm, self.done = out, name, comm, done
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        if self.comm.rank == 0:
-            log.info("== stage %s%s", self.name, " (complete, skipped)" if self.done else "")
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None and self.comm.rank == 0:
-            _record_stage(self.out, self.name, time.perf_counter() - self.t0, self.done)
-        return False
+# ------------------------------------------------------------------------------ stages
 
 
-# ---- stages (also the single-stage CLI commands) ----------------------------------------
-
-_DONE: dict = {}  # stages already checked in this process (chained stages call each other)
-
-
-def stage_prepare(cfg, out: Path, comm=None):
+def stage_prepare(cfg: Any, out: Path, comm: Any = None) -> Prepared:
+    """The client shards, test set, public split and manifest (rank 0 writes)."""
     from gptfl_hpc.data.manifest import Manifest
     from gptfl_hpc.data.prepare import prepare_data
     from gptfl_hpc.parallel.comm import get_comm
 
     comm = comm or get_comm()
     d = data_dir_of(cfg, out)
-    if d not in _DONE:
-        with _Stage(out, "prepare", comm, (d / "manifest.json").exists()):
-            on_rank0(comm, lambda: prepare_data(cfg.data, seed=cfg.run.seed, out_dir=d))
-        _DONE[d] = Manifest.load(d)
-    return _DONE[d]
+    inputs = {"source": provenance.source_identity(cfg.data.root)} if cfg.data.root else {}
+    req = provenance.request("prepare", cfg, inputs=inputs)
+
+    def work() -> dict:
+        if comm.rank == 0:
+            prepare_data(cfg.data, seed=cfg.run.seed, out_dir=d, fingerprint=req.fingerprint)
+        comm.barrier()
+        return {}
+
+    shared = bool(cfg.data.dir)
+    o = _stage("prepare", comm, d, req, what="prepared data", outputs={"manifest":
+               "manifest.json"}, work=work, lock_what="data.dir" if shared else "--out",
+               lock_wait=3600.0 if shared else 0.0)
+    return Prepared(Manifest.load(d), d, o.digest)
 
 
-def stage_train_generator(cfg, out: Path, comm=None) -> Path:
-    """The embedded generator, trained on the PUBLIC split only (rank 0)."""
-    from gptfl_hpc.parallel.comm import get_comm
-
-    comm = comm or get_comm()
-    if cfg.gen.generator != "embedded":
-        return Path(cfg.gen.generator)
-    manifest = stage_prepare(cfg, out, comm)
-    if manifest.public is None:
+def generator_request(cfg: Any, data: Prepared) -> provenance.Request:
+    m = data.manifest
+    if m.public is None:
         raise ConfigError("config key gen.generator: 'embedded' needs a source with a public "
-                          f"split (data.source=digits); {manifest.dataset} has none; valid: a "
-                          "local diffusers directory")
-    gen_dir = out / "generator"
-    if gen_dir in _DONE:
-        return gen_dir
-    done = (gen_dir / "gptfl_generator.json").exists()
-
-    def train():
-        from gptfl_hpc.gen.embedded import train_generator
-
-        server_threads(comm, cfg.run.server_processes)
-        if not gen_dir.exists() and SHIPPED_GENERATOR.is_dir():
-            # the shipped weights are reused only if they were trained on exactly this public
-            # split with this recipe and seed (train_generator compares the request, which
-            # includes the sha256 of the public images); otherwise it retrains from scratch.
-            shutil.copytree(SHIPPED_GENERATOR, gen_dir)
-        images, labels = manifest.read_public(data_dir_of(cfg, out))
-        return train_generator(cfg.gen.train, images, labels, manifest.num_classes, gen_dir,
-                               seed=cfg.run.seed, device=_device(cfg),
-                               label_names=manifest.label_names)
-
-    with _Stage(out, "generator", comm, done):
-        on_rank0(comm, train)
-    _DONE[gen_dir] = manifest
-    return gen_dir
+                          f"split (data.source=digits); {m.dataset} has none; valid: a local "
+                          "diffusers directory")
+    return provenance.request("generator", cfg, inputs={"public_split": m.public.sha256},
+                              derived={"label_names": list(m.label_names),
+                                       "image_shape": list(m.input_shape)})
 
 
-def _device(cfg) -> str:
-    from gptfl_hpc.parallel.accel import want_cuda
+def stage_generator(cfg: Any, out: Path, comm: Any, data: Prepared,
+                    resume: bool = False) -> Output:
+    """The generator synthesis uses: a local directory, or the embedded one trained on the
+    public split only (the shipped weights are reused when their record matches)."""
+    if cfg.gen.generator != "embedded":
+        path = Path(cfg.gen.generator)
+        if not path.is_dir():
+            from gptfl_hpc.errors import ModelError
+            from gptfl_hpc.gen.synthesize import missing_generator_message
 
-    return "cuda" if want_cuda(cfg.run.device) else "cpu"
+            raise ModelError(missing_generator_message(path))
+        return Output(path, provenance.digest(path), {})
+    req = generator_request(cfg, data)
+    gen_dir = Path(out) / "generator"
+
+    def work() -> dict:
+        from gptfl_hpc.parallel.accel import server_count
+
+        server_count(comm, cfg.run)  # collective (cached): before only rank 0 goes on
+        if comm.rank == 0:
+            shipped = provenance.read_record(SHIPPED_GENERATOR, "generator") \
+                if SHIPPED_GENERATOR.is_dir() else None
+            if shipped and shipped.get("fingerprint") == req.fingerprint and \
+                    not gen_dir.exists():
+                tmp = gen_dir.with_name(f".{gen_dir.name}.copy")
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copytree(SHIPPED_GENERATOR, tmp)
+                (tmp / provenance.record_path(tmp, "generator").name).unlink()
+                tmp.rename(gen_dir)
+                log.info("embedded generator: the shipped weights were trained for exactly this "
+                         "request; reusing them (%s)", SHIPPED_GENERATOR)
+                return {"trained": "shipped"}
+            from gptfl_hpc.gen.embedded import train_generator
+            from gptfl_hpc.numerics import training_kernels
+            from gptfl_hpc.parallel.accel import want_cuda
+
+            images, labels = data.manifest.read_public(data.dir)
+            device = "cuda" if want_cuda(cfg.run.device) else "cpu"
+            with _server_threads(comm, cfg), training_kernels(cfg.run.cpu_kernels, device):
+                train_generator(cfg.gen.train, images, labels, data.manifest.num_classes,
+                                gen_dir, seed=cfg.run.seed, device=device,
+                                label_names=data.manifest.label_names)
+        comm.barrier()
+        return {"trained": "here"}
+
+    o = _stage("generator", comm, gen_dir, req, what="the embedded generator",
+               outputs=GENERATOR_OUTPUTS, work=work, lock_dir=Path(out))
+    return Output(gen_dir, provenance.digest(gen_dir), o.info)
 
 
-def synthetic_count(cfg, manifest) -> int:
+def synthetic_count(cfg: Any, manifest: Any) -> int:
     return int(cfg.gen.count or round(cfg.gen.volume * manifest.num_train))
 
 
-def stage_synthesize(cfg, out: Path, generator: str | None = None, comm=None) -> Path:
-    from gptfl_hpc.parallel.comm import get_comm
-    from gptfl_hpc.gen.synthesize import synthesize
+def stage_synthesize(cfg: Any, out: Path, comm: Any, data: Prepared, generator: Output,
+                     resume: bool = False) -> Output:
+    m = data.manifest
+    n_total = synthetic_count(cfg, m)
+    inputs = {"data": data.digest, "generator": generator.digest}
+    if cfg.gen.expand_prompts:
+        inputs["expand_prompts"] = provenance.digest(cfg.gen.expand_prompts)
+    derived = {"n_total": n_total, **synthesis_numerics(cfg.gen, cfg.run.device)}
+    req = provenance.request("synthesize", cfg, inputs=inputs, derived=derived)
+    path = Path(out) / "synthetic.h5"
 
-    comm = comm or get_comm()
-    manifest = stage_prepare(cfg, out, comm)
-    gen_dir = Path(generator) if generator else stage_train_generator(cfg, out, comm)
-    path = out / "synthetic.h5"
-    p = server_count(comm, cfg.run.server_processes)
-    sub = comm.split(0 if comm.rank < p else -1, comm.rank)
-    with _Stage(out, "synthesize", comm, path.exists()):
+    def work() -> dict:
+        from gptfl_hpc.gen.synthesize import synthesize
+        from gptfl_hpc.parallel.accel import server_comm
+
+        sub = server_comm(comm, cfg.run)
         if sub is not None:
-            server_threads(comm, cfg.run.server_processes)
-            synthesize(cfg.gen, generator_dir=gen_dir, label_names=manifest.label_names,
-                       out_shape=tuple(manifest.input_shape), n_total=synthetic_count(cfg, manifest),
-                       out_path=path, seed=cfg.run.seed, comm=sub, device=cfg.run.device)
+            with _server_threads(comm, cfg):
+                synthesize(cfg.gen, generator_dir=generator.path, label_names=m.label_names,
+                           out_shape=tuple(m.input_shape), n_total=n_total, out_path=path,
+                           seed=cfg.run.seed, comm=sub, device=cfg.run.device)
             sub.free()
         comm.barrier()
-    return path
+        return {"n_total": n_total}
+
+    return _stage("synthesize", comm, Path(out), req, what="a synthetic set",
+                  outputs={"synthetic": path.name}, work=work)
 
 
-def stage_pretrain(cfg, out: Path, synthetic: str | None = None, comm=None) -> dict:
-    from gptfl_hpc.parallel.comm import get_comm
+def stage_pretrain(cfg: Any, out: Path, comm: Any, data: Prepared, synthetic: Output,
+                   resume: bool = False) -> Output:
+    from gptfl_hpc.parallel.accel import server_comm
     from gptfl_hpc.train.pretrain import pretrain
 
-    comm = comm or get_comm()
-    stage_prepare(cfg, out, comm)
-    syn = Path(synthetic) if synthetic else stage_synthesize(cfg, out, comm=comm)
-    p = server_count(comm, cfg.run.server_processes)
-    sub = comm.split(0 if comm.rank < p else -1, comm.rank)
-    result = None
-    with _Stage(out, "pretrain", comm, (out / "pretrained.json").exists()):
+    inputs = {"data": data.digest, "synthetic": synthetic.digest}
+    if getattr(cfg.pretrain, "init", None):
+        inputs["init"] = provenance.digest(cfg.pretrain.init)
+    req = provenance.request("pretrain", cfg, inputs=inputs)
+
+    def work() -> dict:
+        sub = server_comm(comm, cfg.run)
+        info = None
         if sub is not None:
-            server_threads(comm, cfg.run.server_processes)
-            result = pretrain(cfg.pretrain, model_cfg=cfg.model, synthetic_path=syn,
-                              data_dir=data_dir_of(cfg, out), out_dir=out, seed=cfg.run.seed,
-                              augment=cfg.fl.augment, device=cfg.run.device, comm=sub)
+            with _server_threads(comm, cfg):
+                info = pretrain(cfg.pretrain, model_cfg=cfg.model, run_cfg=cfg.run,
+                                synthetic_path=synthetic.path, manifest=data.manifest,
+                                data_dir=data.dir, out_dir=out, augment=cfg.fl.augment,
+                                fingerprint=req.fingerprint, resume=resume, comm=sub)
             sub.free()
         comm.barrier()
-    return json.loads((out / "pretrained.json").read_text()) if comm.rank == 0 else result
+        return {"test_accuracy": info["test_accuracy"]} if info else {}
+
+    o = _stage("pretrain", comm, Path(out), req, what="a pretrained model",
+               outputs={"info": "pretrained.json", "weights": "pretrained.safetensors"},
+               work=work)
+    weights = Path(out) / "pretrained.safetensors"
+    return Output(weights, provenance.digest(weights), o.info)
 
 
-def stage_federate(cfg, out: Path, name: str, init: str, comm=None) -> dict | None:
+def stage_federate(cfg: Any, run_dir: Path, comm: Any, data: Prepared, init: str,
+                   resume: bool = False) -> Output:
+    """FL from `init` ('random' or a .safetensors path) into `run_dir`."""
+    from gptfl_hpc.config import dump_yaml
+    from gptfl_hpc.fl.engine import federate
+
+    inputs = {"data": data.digest}
+    if init != "random":
+        inputs["init"] = provenance.digest(init)
+    sub_cfg = dataclasses.replace(cfg, fl=dataclasses.replace(cfg.fl, init=init))
+    req = provenance.request("federate", sub_cfg, inputs=inputs)
+
+    def work() -> dict:
+        summary = federate(cfg.fl, cfg.model, cfg.run, manifest=data.manifest,
+                           data_dir=data.dir, out_dir=run_dir, init=init,
+                           fingerprint=req.fingerprint, resume=resume, comm=comm,
+                           config_yaml=dump_yaml(sub_cfg))
+        return {"final_accuracy": summary["final_accuracy"]} if summary else {}
+
+    return _stage("federate", comm, run_dir, req, what="FL results",
+                  outputs={"summary": "summary.json", "final": "final.safetensors",
+                           "metrics": "metrics.jsonl"}, work=work)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def synthesis_numerics(gen_cfg: Any, device: str) -> dict[str, Any]:
+    """The resolved values that change the samples' bits: device type, dtype, call shape."""
+    from gptfl_hpc.parallel.accel import want_cuda
+
+    dev = "cuda" if want_cuda(device) else "cpu"
+    dtype = gen_cfg.dtype if gen_cfg.dtype != "auto" else ("fp16" if dev == "cuda" else "fp32")
+    micro = gen_cfg.micro_batch or (64 if dev == "cpu" else gen_cfg.batch_size)
+    return {"device_type": dev, "dtype": dtype, "micro_batch": int(micro)}
+
+
+class _server_threads:
+    """Server stages: the waiting ranks sleep, so the server ranks share the node's cores.
+    (server_count must have been computed collectively before: it is cached on the comm.)"""
+
+    def __init__(self, comm: Any, cfg: Any) -> None:
+        self.comm, self.cfg = comm, cfg
+
+    def __enter__(self) -> None:
+        import torch
+
+        from gptfl_hpc.numerics import set_threads
+        from gptfl_hpc.parallel.accel import server_count
+        from gptfl_hpc.parallel.comm import cpu_affinity
+
+        self.saved = torch.get_num_threads()
+        p = server_count(self.comm, self.cfg.run)
+        n = self.cfg.run.threads or max(1, len(cpu_affinity()) // max(1, min(
+            self.comm.cpu_sharers, p)))
+        set_threads(n)
+
+    def __exit__(self, *exc: object) -> None:
+        from gptfl_hpc.numerics import set_threads
+
+        set_threads(self.saved)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: unreadable ({' '.join(str(e).split())})") from None
+
+
+# ------------------------------------------------------------------------------ the whole method
+
+
+def run_pipeline(cfg: Any, out: str | Path, resume: bool = False, comm: Any = None,
+                 data: Prepared | None = None) -> dict | None:
     from gptfl_hpc.parallel.comm import get_comm
-    from gptfl_hpc.fl.engine import federate, setup_threads
 
     comm = comm or get_comm()
-    run_dir = out / name
-    fl = dataclasses.replace(cfg.fl, init=init)
-    sub_cfg = dataclasses.replace(cfg, fl=fl, data=dataclasses.replace(
-        cfg.data, dir=str(data_dir_of(cfg, out))))
-    summary_path = run_dir / "summary.json"
-    done = False
-    if summary_path.exists():
-        s = json.loads(summary_path.read_text())
-        done = s.get("rounds") == fl.rounds and s.get("init") == init
-    with _Stage(out, f"federate-{name}", comm, done):
-        if not done:
-            setup_threads(cfg.run, comm)
-            federate(sub_cfg, run_dir, resume=True)
-    return json.loads(summary_path.read_text()) if comm.rank == 0 else None
-
-
-# ---- the whole method ----------------------------------------------------------------------
-
-def run_pipeline(cfg, out: str | Path) -> dict | None:
-    from gptfl_hpc.parallel.comm import get_comm
-
-    comm = get_comm()
     out = Path(out)
-    if comm.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
     methods = cfg.run.methods
     t0 = time.perf_counter()
-    manifest = stage_prepare(cfg, out, comm)
+    data = data or stage_prepare(cfg, out, comm)
+    stages = {"prepare": data}
     pre = None
     if "gptfl" in methods or "synthetic_only" in methods:
-        syn = stage_synthesize(cfg, out, comm=comm)
-        pre = stage_pretrain(cfg, out, synthetic=str(syn), comm=comm)
+        gen = stage_generator(cfg, out, comm, data, resume)
+        syn = stage_synthesize(cfg, out, comm, data, gen, resume)
+        pre = stage_pretrain(cfg, out, comm, data, syn, resume)
+        stages.update(generator=gen, synthesize=syn, pretrain=pre)
     results = {}
     if "gptfl" in methods:
-        results["gptfl"] = stage_federate(cfg, out, "gptfl",
-                                          str(out / "pretrained.safetensors"), comm)
+        assert pre is not None
+        stages["gptfl"] = stage_federate(cfg, out / "gptfl", comm, data, str(pre.path), resume)
+        results["gptfl"] = out / "gptfl"
     if "fedavg" in methods:
-        results["fedavg"] = stage_federate(cfg, out, "fedavg", "random", comm)
+        stages["fedavg"] = stage_federate(cfg, out / "fedavg", comm, data, "random", resume)
+        results["fedavg"] = out / "fedavg"
     comm.barrier()
     if comm.rank != 0:
         return None
+    faults.point("report", comm.rank)
     from gptfl_hpc.report import write_report
 
-    report = write_report(cfg, out, manifest, results, pre)
+    times = {k: {"seconds": v.info.get("seconds", 0.0)} for k, v in stages.items()
+             if isinstance(v, Output)}
+    report = write_report(cfg, out, data.manifest, data.dir, results,
+                          read_json(out / "pretrained.json") if pre is not None else None, times)
     log.info("run finished in %.1fs; report in %s", time.perf_counter() - t0, out / "report.md")
     return report
-

@@ -21,6 +21,7 @@ fingerprint, outputs with their content digests), last: the record is the commit
 
 * ``complete``: a record with the same fingerprint, every output present with its digest;
 * ``absent``: nothing of this stage there (start, or continue partial state of the same request);
+* ``extend``: a finished run of the same identity with a smaller progress target (fl.rounds);
 * anything else raises :class:`~gptfl_hpc.errors.StaleOutputError`, naming the keys that differ:
   outputs are never silently reused, mixed or overwritten.
 
@@ -80,6 +81,7 @@ NO_EFFECT: dict[str, str] = {
     "run.device": "where the stages run; the resolved device type and dtype that change the "
                   "numbers enter the synthesis request as derived values",
     "run.methods": "which stages `run` executes; each stage is identified by its own request",
+    "run.rendezvous": "where the server processes meet; not what they compute",
     "run.server_processes": "pretraining uses the same global batch and augmentation draws at "
                             "any process count (DDP changes the float summation order only); "
                             "synthesis is byte-identical for any process count",
@@ -97,6 +99,10 @@ NO_EFFECT: dict[str, str] = {
     "fl.checkpoint_every": "how often the server saves; resume is bitwise (tested)",
     "fl.keep_checkpoints": "how many checkpoints are kept",
     "fl.sync": "replicated and bcast give bit-identical weights (tests/test_federate.py)",
+    "fl.placement": "which rank trains a client; with fl.aggregation=exact the weights are "
+                    "bit-identical either way (tests/test_federate.py), with float32 they differ "
+                    "in the last bits only",
+    "fl.client_cache_mb": "memory for cached client shards",
     "fl.rounds": "a progress target: part of the identity when the client lr schedule depends "
                  "on it (cosine), otherwise a finished run can be extended",
     "slurm.*": "how jobs are launched",
@@ -350,25 +356,58 @@ def output_path(directory: str | Path, rec: dict[str, Any], name: str) -> Path:
     return Path(rel) if Path(rel).is_absolute() else Path(directory) / rel
 
 
+def embedded_fingerprint(path: str | Path) -> str | None:
+    """The request fingerprint a stage embeds in its main output, if any: an HDF5 root
+    attribute, safetensors metadata, or a JSON field, each named ``fingerprint``."""
+    p = Path(path)
+    try:
+        if p.is_file() and _is_hdf5(p):
+            import h5py
+
+            with h5py.File(p, "r", locking=False) as f:
+                v = f.attrs.get("fingerprint")
+            return v.decode() if isinstance(v, bytes) else (str(v) if v is not None else None)
+        if p.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:
+                return (f.metadata() or {}).get("fingerprint")
+        if p.suffix == ".json":
+            obj = json.loads(p.read_text(encoding="utf-8"))
+            v = obj.get("fingerprint", obj.get("config_hash"))  # manifests: config_hash
+            return str(v) if v is not None else None
+    except Exception:  # noqa: BLE001 (unreadable: no fingerprint, the caller refuses)
+        return None
+    return None
+
+
 def status(directory: str | Path, req: Request, *, what: str,
-           outputs: Iterable[str | Path] = ()) -> str:
+           outputs: dict[str, str] | None = None) -> str:
     """'complete' or 'absent' for `req` in `directory`; StaleOutputError for anything else.
 
-    `outputs` are the paths the stage writes (relative to `directory`); one of them existing
-    without a record for this request is a conflict (another run's result, or a file of
-    unknown origin), never silently reused or overwritten.
-    `what` names the output in messages ("the synthetic set", ...).
+    `outputs` (name -> path relative to `directory`) are what the stage writes; the first is its
+    main output, written after the others. A main output present without a record counts as
+    complete only when it embeds this request's fingerprint (a stage killed between writing it
+    and its record); then the record is written now. Otherwise it is a conflict (another run's result, or a file of unknown
+    origin), never silently reused or overwritten. `what` names the output in messages.
     """
     d = Path(directory)
+    outputs = dict(outputs or {})
     rec = read_record(d, req.stage)
     if rec is None:
-        present = [str(d / o) for o in outputs if (d / o).exists()]
-        if present:
-            raise StaleOutputError(
-                f"{present[0]} exists but {record_path(d, req.stage).name} does not (another "
-                f"tool's file, or a run of an older gptfl-hpc): {what} cannot be proven to match "
-                "this request; delete it or use a new --out")
-        return "absent"
+        # the main output is written last; before it exists the stage's partial state (if any)
+        # is the stage's to check (it carries the fingerprint too)
+        main = d / next(iter(outputs.values()))
+        if not main.exists():
+            return "absent"
+        if (embedded_fingerprint(main) == req.fingerprint
+                and all((d / rel).exists() for rel in outputs.values())):
+            write_record(d, req, outputs)
+            return "complete"
+        raise StaleOutputError(
+            f"{main} exists without {record_path(d, req.stage).name}, made by another run or "
+            f"tool: {what} cannot be proven to match this request; delete it or use a new "
+            "--out")
     recorded = rec.get("request") or {}
     if rec.get("fingerprint") != req.fingerprint:
         keys = req.diff(recorded)
@@ -383,7 +422,7 @@ def status(directory: str | Path, req: Request, *, what: str,
                 f"{d} holds {what} with {k}={done.get(k)} > the requested {target}; use a new "
                 "--out (a finished run is not cut back)")
         if done.get(k, 0) < target:
-            return "absent"  # extendable: the stage continues from its checkpoint
+            return "extend"  # the stage continues from its checkpoint
     for name, entry in (rec.get("outputs") or {}).items():
         p = output_path(d, rec, name)
         if not p.exists():

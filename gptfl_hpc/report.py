@@ -18,8 +18,11 @@ LABELS = {"gptfl": "GPT-FL (FL from synthetic-pretrained model)",
 
 
 def _curve(run_dir: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
-    return [(r["round"], r["test_accuracy"]) for r in rows if r["test_accuracy"] is not None]
+    from gptfl_hpc.log import read_jsonl
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    return [(r["round"], r["test_accuracy"]) for r in rows
+            if r.get("test_accuracy") is not None]
 
 
 def _first_round_reaching(curve: list[tuple[int, float]], target: float) -> int | None:
@@ -67,13 +70,14 @@ def synthetic_quality(out: Path, manifest, data_dir: Path) -> dict:
     return q
 
 
-def write_report(cfg, out: Path, manifest, results: dict, pre: dict | None) -> dict:
-    from gptfl_hpc.pipeline import _stage_times, data_dir_of
-
-    stages = _stage_times(out)
+def write_report(cfg, out: Path, manifest, data_dir: Path, runs: dict[str, Path],
+                 pre: dict | None, stages: dict[str, dict]) -> dict:
+    """`runs`: method -> its FL output directory; `stages`: stage -> {"seconds": ...} (the time
+    each stage took when it ran, from its completion record)."""
     sec = {k: v["seconds"] for k, v in stages.items()}
     server_time = sum(sec.get(k, 0.0) for k in ("generator", "synthesize", "pretrain"))
-    curves = {name: _curve(out / name) for name in results}
+    results = {name: json.loads((d / "summary.json").read_text()) for name, d in runs.items()}
+    curves = {name: _curve(d) for name, d in runs.items()}
     rows = []
     fedavg_final = results["fedavg"]["final_accuracy"] if "fedavg" in results else None
     for name, summary in results.items():
@@ -95,7 +99,7 @@ def write_report(cfg, out: Path, manifest, results: dict, pre: dict | None) -> d
                      "rounds_to_target": 0 if syn_acc >= cfg.fl.target_accuracy else None,
                      "rounds_to_fedavg_final": None, "wall_seconds": server_time})
     accuracy_plot(curves, syn_acc, out / "accuracy.png")
-    quality = synthetic_quality(out, manifest, data_dir_of(cfg, out)) if pre is not None else None
+    quality = synthetic_quality(out, manifest, data_dir) if pre is not None else None
     report = {"rows": rows, "target_accuracy": cfg.fl.target_accuracy, "stages": stages,
               "synthetic": quality, "pretrain": pre, "rounds": cfg.fl.rounds,
               "clients": len(manifest.clients), "clients_per_round": cfg.fl.clients_per_round}
@@ -136,7 +140,7 @@ def render_markdown(cfg, manifest, report: dict) -> str:
         "Wall time of GPT-FL includes the server stages (generator, synthesis, pretraining).", "",
         "## Stages", "", "| stage | seconds | note |", "|---|---|---|"]
     for name, s in report["stages"].items():
-        parts.append(f"| {name} | {s['seconds']:.1f} | {'skipped (complete)' if s['skipped'] else ''} |")
+        parts.append(f"| {name} | {s['seconds']:.1f} | |")
     q = report["synthetic"]
     if q:
         parts += ["", "## Synthetic data quality", "",

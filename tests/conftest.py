@@ -19,3 +19,10 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# The gptfl-hpc command sets this before torch loads (gptfl_hpc/numerics.py); in-process tests
+# need it too, before any test module imports torch.
+import os as _os  # noqa: E402
+
+_os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")

@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from gptfl_hpc.config import ModelConfig, PretrainConfig
+from gptfl_hpc.config import ModelConfig, PretrainConfig, RunConfig
 from gptfl_hpc.parallel.comm import get_comm
 from gptfl_hpc import signals
 from gptfl_hpc.errors import GptflError, Preempted
@@ -43,9 +43,9 @@ def main() -> int:
     init_logging(comm.rank)
     cfg = PretrainConfig(epochs=a.epochs, batch_size=a.batch_size, optimizer=a.optimizer,
                          lr=a.lr)
-    kwargs = dict(model_cfg=ModelConfig(name=a.model), synthetic_path=a.synthetic,
-                  data_dir=a.data_dir, out_dir=a.out, seed=a.seed, augment=not a.no_augment,
-                  comm=comm)
+    kwargs = dict(model_cfg=ModelConfig(name=a.model), run_cfg=RunConfig(seed=a.seed),
+                  synthetic_path=a.synthetic, data_dir=a.data_dir, out_dir=a.out,
+                  augment=not a.no_augment, fingerprint="driver", comm=comm)
     try:
         try:
             pretrain(cfg, **kwargs)
@@ -55,7 +55,7 @@ def main() -> int:
             sys.stderr.write(f"[gptfl r{comm.rank}] driver: preempted ({e}); running again\n")
             os.environ.pop("GPTFL_STOP_AFTER", None)
             signals.reset()
-            pretrain(cfg, **kwargs)
+            pretrain(cfg, **kwargs, resume=True)
     except GptflError as e:
         sys.stderr.write(f"[gptfl r{comm.rank}] pretrain: error: {e}\n")
         return e.exit_code

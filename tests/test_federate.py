@@ -1,12 +1,11 @@
 """End-to-end federate runs under mpiexec (-n 1 / -n 3) with hard timeouts.
 
-Tolerance of the 1-vs-3-rank comparison: atol 1e-5 on every weight. The per-client updates are
-bit-identical (each client's training depends only on (seed, client, round) and the global
-weights); only the order of the float32 sum of the client updates differs (rank-local sums,
-then MPI's reduction order). Each round adds a few ulps (~1e-7 relative) of difference that
-subsequent SGD steps can amplify mildly; over the 3 rounds used here the observed max
-difference is ~3e-8, so 1e-5 leaves margin while still catching any real algorithmic difference
-(a mis-weighted or missing client update moves weights by 1e-3 or more).
+1 vs 3 ranks, balanced vs static placement: bit-identical weights (``torch.equal`` and the same
+file bytes). Each client's update is a pure function of (seed, client, round, global weights),
+computed with CPU kernels whose results do not depend on the thread count (run.cpu_kernels=
+invariant: one process gets 2 threads here, each of the 3 ranks 1), and the round's sum is exact
+fixed-point arithmetic (fl.aggregation=exact), so the order of the additions cannot matter.
+With fl.aggregation=float32 the same runs agree to ~1e-7 (the float32 summation order).
 """
 
 import json
@@ -44,17 +43,27 @@ def weights(out):
     return load_file(str(Path(out) / "final.safetensors"))
 
 
+def _sha(out):
+    import hashlib
+
+    return hashlib.sha256((Path(out) / "final.safetensors").read_bytes()).hexdigest()
+
+
 def test_one_vs_three_ranks_same_weights_and_outputs(data_dir, tmp_path):
-    federate(tmp_path / "one", data_dir, n=None)
+    # one process with 2 torch threads vs three ranks with 1 thread each
+    federate(tmp_path / "one", data_dir, n=None, env={"OMP_NUM_THREADS": "2"})
     federate(tmp_path / "three", data_dir, n=3)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "three")
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
-    # the replicated server step (default) and the rank-0 step + Bcast agree bit for bit
+        assert torch.equal(a[k], b[k]), k
+    assert _sha(tmp_path / "one") == _sha(tmp_path / "three")  # sha256sum compares runs
+    # the replicated server step (default) and the rank-0 step + Bcast agree bit for bit, and
+    # so do clients pinned to ranks (static) and clients spread per round (balanced)
     federate(tmp_path / "bcast", data_dir, "fl.sync=bcast", n=3)
-    c = weights(tmp_path / "bcast")
-    assert all(torch.equal(b[k], c[k]) for k in b)
+    federate(tmp_path / "static", data_dir, "fl.placement=static", n=3)
+    for other in ("bcast", "static"):
+        assert _sha(tmp_path / other) == _sha(tmp_path / "three"), other
     # outputs and their fields
     out = tmp_path / "three"
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -77,20 +86,76 @@ def test_one_vs_three_ranks_same_weights_and_outputs(data_dir, tmp_path):
 
 
 def test_resume_is_bitwise_identical(data_dir, tmp_path):
-    over = ["fl.rounds=4", "fl.checkpoint_every=2"]
+    over = ["fl.rounds=4", "fl.checkpoint_every=1", "fl.keep_checkpoints=3"]
     federate(tmp_path / "full", data_dir, *over)
     # preempted after round 3 (GPTFL_STOP_AFTER counts the server's round boundaries)
     p = federate(tmp_path / "cut", data_dir, *over, check=False, env={"GPTFL_STOP_AFTER": "3"})
-    assert p.returncode != 0, p.stderr
-    assert not (tmp_path / "cut" / "final.safetensors").exists()
-    assert (tmp_path / "cut" / "ckpt" / "round-00003" / "state.json").exists()
-    federate(tmp_path / "cut", data_dir, *over, "--resume")
-    a, b = weights(tmp_path / "full"), weights(tmp_path / "cut")
+    assert p.returncode == 124, p.stderr[-3000:]
+    cut = tmp_path / "cut"
+    assert not (cut / "final.safetensors").exists()
+    assert (cut / "ckpt" / "round-00003" / "state.json").exists()
+    # without --resume the partial run is refused, not restarted over it
+    p = federate(cut, data_dir, *over, check=False)
+    assert_fails_fast(p, time.time(), "rerun with --resume")
+    # a torn newest checkpoint (killed while the file system lost it) and a torn metrics line:
+    # resume from the newest complete checkpoint, drop the torn tail
+    (cut / "ckpt" / "round-00003" / "state.json").write_text('{"round": 3, "fing')
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"round": 4, "test_acc')
+    federate(cut, data_dir, *over, "--resume")
+    a, b = weights(tmp_path / "full"), weights(cut)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    rounds = [json.loads(x)["round"] for x in
-              (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    rounds = [json.loads(x)["round"] for x in (cut / "metrics.jsonl").read_text().splitlines()]
     assert rounds == [1, 2, 3, 4]
+
+
+def test_fresh_run_refuses_another_runs_checkpoints(data_dir, tmp_path):
+    out = tmp_path / "o"
+    p = federate(out, data_dir, "fl.rounds=3", check=False, env={"GPTFL_STOP_AFTER": "2"})
+    assert p.returncode == 124
+    before = sorted(x.name for x in (out / "ckpt").iterdir())
+    t = time.time()
+    p = federate(out, data_dir, "fl.rounds=3", "fl.client_lr=0.01", "--resume", check=False)
+    assert_fails_fast(p, t, "checkpoints of another request")
+    assert sorted(x.name for x in (out / "ckpt").iterdir()) == before  # nothing deleted
+
+
+def test_finished_run_with_other_settings_is_refused_not_reported(data_dir, tmp_path):
+    out = tmp_path / "o"
+    federate(out, data_dir, "fl.rounds=2", n=None)
+    again = federate(out, data_dir, "fl.rounds=2", n=None)  # same request: reused
+    assert "complete for this request" in again.stderr
+    t = time.time()
+    p = federate(out, data_dir, "fl.rounds=2", "fl.local_epochs=2", n=None, check=False)
+    assert_fails_fast(p, t, "differs in fl.local_epochs")
+
+
+def test_constant_schedule_run_can_be_extended(data_dir, tmp_path):
+    over = ["fl.client_lr_schedule=constant", "fl.checkpoint_every=5"]
+    federate(tmp_path / "three", data_dir, *over, "fl.rounds=3", n=None)
+    federate(tmp_path / "ext", data_dir, *over, "fl.rounds=2", n=None)
+    federate(tmp_path / "ext", data_dir, *over, "fl.rounds=3", "--resume", n=None)
+    assert _sha(tmp_path / "ext") == _sha(tmp_path / "three")
+    # the cosine schedule depends on fl.rounds: the same extension is refused
+    cos = "fl.client_lr_schedule=cosine"
+    federate(tmp_path / "cos", data_dir, cos, "fl.rounds=2", n=None)
+    p = federate(tmp_path / "cos", data_dir, cos, "fl.rounds=3", "--resume", n=None, check=False)
+    assert_fails_fast(p, time.time(), "differs in fl.rounds")
+
+
+def test_second_command_on_the_same_out_is_refused(data_dir, tmp_path):
+    from gptfl_hpc.fsio import DirLock
+
+    out = tmp_path / "busy"
+    with DirLock(out):  # this test process plays the other gptfl-hpc command
+        t = time.time()
+        p = federate(out, data_dir, n=None, check=False)
+    assert_fails_fast(p, t, "is in use by another gptfl-hpc process")
+    import os
+
+    assert f"pid {os.getpid()}" in p.stderr
+    assert not (out / "metrics.jsonl").exists() and not (out / "config.yaml").exists()
 
 
 def test_fedprox_and_fedadam_run_and_differ(data_dir, tmp_path):
@@ -114,26 +179,44 @@ def test_nan_update_is_dropped_and_round_continues(data_dir, tmp_path):
     assert all(torch.isfinite(t.float()).all() for t in weights(tmp_path / "nan").values())
 
 
-def test_client_ranks_open_only_their_own_shards(data_dir, tmp_path):
-    audit = tmp_path / "audit"
-    audit.mkdir()
-    federate(tmp_path / "a", data_dir, "fl.rounds=1", env={"GPTFL_ACCESS_LOG": str(audit)})
-    m = Manifest.load(data_dir)
-    owner = place_clients([c.num_samples for c in m.clients], [1, 2])
-    opened = {}
+def _opened(audit: Path) -> dict[int, list[tuple[str, Path]]]:
+    opened: dict[int, list[tuple[str, Path]]] = {}
     for f in audit.glob("access-*.log"):
         for line in f.read_text().splitlines():
             rank, mode, path = line.split("\t")
-            opened.setdefault(int(rank), []).append((mode, Path(path)))
+            opened.setdefault(int(rank), []).append((mode, Path(path).resolve()))
+    return opened
+
+
+@pytest.mark.parametrize("placement", ["static", "balanced"])
+def test_access_audit_server_never_opens_client_data(data_dir, tmp_path, placement):
+    """Static: each client rank opens only its own clients' shards. Balanced: a client rank
+    may open any client's shard (it trains different clients each round), but the server
+    (rank 0) only ever opens the test split, everything read-only, and only model-sized
+    buffers cross MPI."""
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    federate(tmp_path / "a", data_dir, "fl.rounds=2", f"fl.placement={placement}",
+             env={"GPTFL_ACCESS_LOG": str(audit)})
+    m = Manifest.load(data_dir)
+    opened = _opened(audit)
+    clients = {m.client_path(data_dir, c).resolve() for c in range(len(m.clients))}
     assert set(opened) == {0, 1, 2}
     for rank, items in opened.items():
         assert all(mode == "r" for mode, _ in items), items
-        files = {p.resolve() for _, p in items}
+        files = {p for _, p in items}
         if rank == 0:
             assert files == {m.test_path(data_dir).resolve()}  # never a client shard
+        elif placement == "static":
+            owner = place_clients([c.num_samples for c in m.clients], [1, 2])
+            assert files == {m.client_path(data_dir, c).resolve() for c, w in owner.items()
+                             if w == rank}
         else:
-            want = {m.client_path(data_dir, c).resolve() for c, w in owner.items() if w == rank}
-            assert files == want
+            assert files <= clients and files
+    rec = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    numel = sum(t.numel() for t in weights(tmp_path / "a").values())
+    # the only per-round traffic: one buffer of the model's size plus a few statistics
+    assert all(r["bytes_reduced"] <= 8 * (numel + 16) for r in rec)
 
 
 # ---- failures: every rank exits non-zero within seconds, with a one-line error -------------
@@ -151,8 +234,12 @@ def assert_fails_fast(proc, started, needle):
     assert any(needle in ln for ln in errs), proc.stderr[-3000:]
 
 
-@pytest.mark.parametrize("damage", ["missing", "truncated", "labels", "shape"])
-def test_bad_shard_ends_every_rank(data_dir, tmp_path, damage):
+@pytest.mark.parametrize("damage,placement", [
+    ("missing", "balanced"), ("truncated", "balanced"), ("labels", "static"), ("shape", "static"),
+    ("labels", "balanced")])
+def test_bad_shard_ends_every_rank(data_dir, tmp_path, damage, placement):
+    """Caught before the first round: static placement reads (and verifies) each rank's shards
+    up front; balanced placement checks every shard's attributes against the manifest."""
     d = _copy(data_dir, tmp_path)
     m = Manifest.load(d)
     victim = m.client_path(d, 1)
@@ -167,23 +254,30 @@ def test_bad_shard_ends_every_rank(data_dir, tmp_path, damage):
         labels = labels.copy()
         labels[0] = 42
         write_shard(victim, images, labels, {"dataset": "digits", "client_id": 1})
-        needle = "out of range"
+        needle = "out of range" if placement == "static" else "differ from the manifest's"
     else:
         write_shard(victim, np.zeros((len(labels), 16, 16, 1), np.uint8), labels,
                     {"dataset": "digits", "client_id": 1})
         needle = "shape"
     t = time.time()
-    p = federate(tmp_path / "o", d, check=False, timeout=120)
+    p = federate(tmp_path / "o", d, f"fl.placement={placement}", check=False, timeout=120)
     assert_fails_fast(p, t, needle)
-    assert not (tmp_path / "o" / "final.safetensors").exists()
+    assert victim.name in [ln for ln in p.stderr.splitlines() if "error:" in ln][0]
+    assert not (tmp_path / "o" / "metrics.jsonl").exists()  # before any round
 
 
 def test_exception_on_one_rank_aborts_the_job(data_dir, tmp_path):
     t = time.time()
-    p = federate(tmp_path / "o", data_dir, check=False, env={"GPTFL_FAULT_RAISE_RANK": "2"},
-                 timeout=120)
+    p = federate(tmp_path / "o", data_dir, check=False, timeout=120,
+                 env={"GPTFL_FAULT_RAISE_RANK": "2", "GPTFL_FAULT_PHASE": "client"})
     assert p.returncode != 0 and time.time() - t < 60
-    assert "injected fault on rank 2" in p.stderr
+    assert "injected fault on rank 2 in phase client" in p.stderr
+    # the server failing in its own code (the server step) ends every rank too
+    t = time.time()
+    p = federate(tmp_path / "o2", data_dir, check=False, timeout=120,
+                 env={"GPTFL_FAULT_RAISE_RANK": "0", "GPTFL_FAULT_PHASE": "server"})
+    assert p.returncode != 0 and time.time() - t < 60
+    assert "injected fault on rank 0 in phase server" in p.stderr
 
 
 def test_world_size_must_match_slurm_ntasks(data_dir, tmp_path):
@@ -210,7 +304,8 @@ def test_clients_per_round_larger_than_clients(data_dir, tmp_path):
     # a prepared dir with fewer clients than the config claims is caught too
     p = federate(tmp_path / "o", data_dir, "data.num_clients=10", "fl.clients_per_round=8",
                  check=False)
-    assert_fails_fast(p, t, "fl.clients_per_round")
+    assert_fails_fast(p, t, "holds prepared data for another request (differs in "
+                            "data.num_clients)")
 
 
 def test_model_that_does_not_fit_the_input(data_dir, tmp_path):
@@ -227,3 +322,12 @@ def test_init_checkpoint_must_fit(data_dir, tmp_path):
     t = time.time()
     p = federate(tmp_path / "o", data_dir, f"fl.init={bad}", check=False, n=None)
     assert_fails_fast(p, t, "does not fit the model")
+    # the right shapes but NaN values: refused (it used to end with an all-NaN final model)
+    federate(tmp_path / "ok", data_dir, "fl.rounds=1", n=None)
+    state = weights(tmp_path / "ok")
+    state["fc1.bias"][3] = float("nan")
+    save_file(state, str(tmp_path / "nan.safetensors"))
+    p = federate(tmp_path / "o2", data_dir, f"fl.init={tmp_path / 'nan.safetensors'}",
+                 check=False, n=3)
+    assert_fails_fast(p, t, "tensor fc1.bias has NaN/Inf values")
+    assert not (tmp_path / "o2" / "final.safetensors").exists()

@@ -18,12 +18,12 @@ import torch
 from helpers import run_py
 
 from gptfl_hpc import signals
-from gptfl_hpc.config import DataConfig, ModelConfig, PretrainConfig
+from gptfl_hpc.config import DataConfig, ModelConfig, PretrainConfig, RunConfig
 from gptfl_hpc.data.manifest import Manifest
 from gptfl_hpc.data.prepare import prepare_data
 from gptfl_hpc.data.shards import read_shard
 from gptfl_hpc.parallel.comm import LocalComm
-from gptfl_hpc.errors import ConfigError, DataError, Preempted
+from gptfl_hpc.errors import ConfigError, DataError, Preempted, StaleOutputError
 from gptfl_hpc.fsio import load_safetensors
 from gptfl_hpc.train.evaluate import evaluate, macro_f1
 from gptfl_hpc.train.models import build_model
@@ -56,10 +56,12 @@ def digits(tmp_path_factory):
     return {"root": root, "data": data_dir, "syn": syn}
 
 
-def _run(digits, out: Path, cfg: PretrainConfig = CFG, augment: bool = True, **kw) -> dict:
-    return pretrain(cfg, model_cfg=MODEL, synthetic_path=kw.pop("syn", digits["syn"]),
-                    data_dir=digits["data"], out_dir=out, seed=0, augment=augment,
-                    comm=LocalComm(), **kw)
+def _run(digits, out: Path, cfg: PretrainConfig = CFG, augment: bool = True,
+         resume: bool = False, **kw) -> dict:
+    return pretrain(cfg, model_cfg=MODEL, run_cfg=RunConfig(seed=0),
+                    synthetic_path=kw.pop("syn", digits["syn"]), data_dir=digits["data"],
+                    out_dir=out, augment=augment, fingerprint=f"test-{cfg.epochs}-{augment}",
+                    resume=resume, comm=LocalComm(), **kw)
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -87,7 +89,7 @@ def baseline(digits):
 
 def test_single_process_trains_and_writes_loadable_outputs(digits, baseline):
     out, info = baseline
-    assert info["complete"] is True and info["num_processes"] == 1
+    assert info["fingerprint"] == "test-2-True" and info["num_processes"] == 1
     assert info["test"]["accuracy"] > 0.3, info["history"]  # chance is 0.1
     assert len(info["history"]) == 2 and info["images_per_second"] > 0
     assert info["input_shape"] == [8, 8, 1] and info["num_classes"] == 10
@@ -109,12 +111,34 @@ def test_single_process_trains_and_writes_loadable_outputs(digits, baseline):
     assert metrics["loss"] == pytest.approx(info["test"]["loss"], rel=1e-6)
 
 
-def test_complete_run_is_skipped(digits, baseline):
-    out, info = baseline
-    mtime = (out / WEIGHTS_NAME).stat().st_mtime_ns
-    again = _run(digits, out)
-    assert again == info
-    assert (out / WEIGHTS_NAME).stat().st_mtime_ns == mtime
+def test_complete_stage_is_reused_and_test_split_is_refused(tmp_path):
+    """Through the CLI: the pretrain stage reuses its complete output for the same request, and
+    refuses the real test split passed as the synthetic set (test leakage)."""
+    from helpers import run_cli
+
+    data = tmp_path / "data"
+    run_cli(["prepare", "configs/tiny.yaml", "--out", data], timeout=120)
+    x, y, _ = read_shard(data / "public.h5")
+    syn = _write_synthetic(tmp_path / "syn.h5", x, y)
+
+    def pre(out, synthetic, check=True):
+        return run_cli(["pretrain", "configs/tiny.yaml", f"data.dir={data}", "--synthetic",
+                        synthetic, "--out", out], timeout=300, check=check)
+
+    pre(tmp_path / "p", syn)
+    mtime = (tmp_path / "p" / WEIGHTS_NAME).stat().st_mtime_ns
+    again = pre(tmp_path / "p", syn)
+    assert "stage pretrain: complete for this request" in again.stderr
+    assert (tmp_path / "p" / WEIGHTS_NAME).stat().st_mtime_ns == mtime
+    p = pre(tmp_path / "leak", data / "test.h5", check=False)
+    assert p.returncode == 2 and "prepared test shard of real data" in p.stderr, p.stderr[-2000:]
+    # the same test images copied into a synthetic-set layout are found by content
+    tx, ty, _ = read_shard(data / "test.h5")
+    copy = _write_synthetic(tmp_path / "copy.h5", np.concatenate([x, tx[:3]]),
+                            np.concatenate([y, ty[:3]]))
+    p = pre(tmp_path / "leak2", copy, check=False)
+    assert p.returncode == 2 and "3 sample(s) are identical to images of the test split" in \
+        p.stderr, p.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------- (c) resume
@@ -133,7 +157,9 @@ def test_resume_after_preemption_is_bitwise_identical(digits, baseline, monkeypa
 
     monkeypatch.delenv("GPTFL_STOP_AFTER")
     signals.reset()
-    info = _run(digits, out)
+    with pytest.raises(StaleOutputError, match="rerun with --resume"):
+        _run(digits, out)
+    info = _run(digits, out, resume=True)
     assert [h["epoch"] for h in info["history"]] == [1, 2]
     ref, got = _weights(baseline[0]), _weights(out)
     assert set(ref) == set(got)
@@ -156,25 +182,26 @@ def test_checkpoint_of_last_epoch_finishes_without_training(digits, monkeypatch,
     monkeypatch.undo()
     caplog.clear()
     with caplog.at_level("INFO", logger="gptfl_hpc.train.pretrain"):
-        info = _run(digits, out, cfg=cfg)
+        info = _run(digits, out, cfg=cfg, resume=True)
     assert "resuming after epoch 1/1" in caplog.text and "pretrain epoch" not in caplog.text
     assert info["test"] == first["test"] and not (out / CKPT_DIR).exists()
     got = _weights(out)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
 
-def test_checkpoint_of_another_request_is_not_resumed(digits, caplog):
+def test_checkpoint_of_another_request_is_refused(digits):
     out = digits["root"] / "stale"
     (out / CKPT_DIR).mkdir(parents=True)
+    for f in ("model-e00001.safetensors", "optim-e00001.safetensors"):
+        (out / CKPT_DIR / f).write_bytes(b"")
     (out / CKPT_DIR / "state.json").write_text(json.dumps(
-        {"format_version": 1, "epoch": 1, "request": {"seed": 123}}))
+        {"format_version": 2, "epoch": 1, "fingerprint": "another",
+         "model_file": "model-e00001.safetensors", "optim_file": "optim-e00001.safetensors"}))
     signals.reset()
-    caplog.clear()
-    with caplog.at_level("INFO", logger="gptfl_hpc.train.pretrain"):
-        info = _run(digits, out, cfg=PretrainConfig(epochs=1, batch_size=32))
-    assert "is for another request (differs in: augment, data, model, pretrain, seed" in \
-        caplog.text
-    assert "resuming" not in caplog.text and len(info["history"]) == 1
+    for resume in (False, True):
+        with pytest.raises(StaleOutputError, match="checkpoint of another request"):
+            _run(digits, out, cfg=PretrainConfig(epochs=1, batch_size=32), resume=resume)
+    assert (out / CKPT_DIR / "state.json").is_file()  # left as it was
 
 
 # ------------------------------------------------------------------------- (b) two processes

@@ -45,7 +45,7 @@ def test_run_writes_report_with_all_methods(reference):
     assert q["memorisation"]["heldout_to_public_median"] > 0
     # a second `run` on the same --out skips every stage
     again = run_cli(["run", TINY, "--out", out], n=3, timeout=300)
-    assert again.stderr.count("(complete, skipped)") >= 6
+    assert again.stderr.count("complete for this request") == 6, again.stderr[-3000:]
 
 
 def _arrays(path):
@@ -56,11 +56,12 @@ def _arrays(path):
 def test_preempted_everywhere_resumes_bitwise(reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "run"
-    # GPTFL_STOP_AFTER=k stops at the k-th safe boundary of that process: generator steps,
-    # synthesis batches, pretraining epochs and FL rounds each count one.
-    for stop_after, where in [(10, "generator training stopped"), (31, "synthesis"),
-                              (4, "pretrain"), (3, "stopped after round")]:
-        p = run_cli(["run", TINY, "--out", out], n=3, check=False, timeout=300,
+    # GPTFL_STOP_AFTER=k stops at the k-th safe boundary of that process: client shards
+    # written by prepare (6), generator steps, synthesis batches, pretraining epochs and FL
+    # rounds each count one.
+    for stop_after, where in [(3, "prepare stopped"), (16, "generator training stopped"),
+                              (31, "synthesis"), (4, "pretrain"), (3, "stopped after round")]:
+        p = run_cli(["run", TINY, "--out", out, "--resume"], n=3, check=False, timeout=300,
                     extra_env={"GPTFL_STOP_AFTER": str(stop_after)})
         assert p.returncode == PREEMPTED, (stop_after, p.returncode, p.stderr[-3000:])
         assert where in p.stderr, (where, p.stderr[-3000:])
@@ -69,7 +70,7 @@ def test_preempted_everywhere_resumes_bitwise(reference, tmp_path):
 
 def _finish_and_compare(ref, out):
     """Run `out` to completion; every output equals the uninterrupted reference bit for bit."""
-    run_cli(["run", TINY, "--out", out], n=3, timeout=300)
+    run_cli(["run", TINY, "--out", out, "--resume"], n=3, timeout=300)
     a, b = _arrays(ref / "synthetic.h5"), _arrays(out / "synthetic.h5")
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -79,6 +80,9 @@ def _finish_and_compare(ref, out):
         assert x.keys() == y.keys()
         for k in x:
             assert torch.equal(x[k], y[k]), (f, k)
+    # and the files themselves, byte for byte (sha256sum compares runs)
+    for f in ("pretrained.safetensors", "gptfl/final.safetensors", "fedavg/final.safetensors"):
+        assert (ref / f).read_bytes() == (out / f).read_bytes(), f
 
 
 def _tagged_ranks(tag: str) -> list[int]:
@@ -115,7 +119,7 @@ def test_real_signals_in_every_phase_resume_bitwise(reference, tmp_path):
     ref, _ = reference
     out = tmp_path / "run"
     cmd = [MPIEXEC, "-n", "3", PY, "-m", "mpi4py", "-m", "gptfl_hpc", "run", TINY, "--out",
-           str(out)]
+           str(out), "--resume"]
     phases = [("training the embedded generator", signal.SIGUSR1),
               ("synthesis: ", signal.SIGTERM), ("pretrain: ", signal.SIGUSR1),
               ("federate: ", signal.SIGTERM)]
@@ -150,3 +154,24 @@ def test_real_signals_in_every_phase_resume_bitwise(reference, tmp_path):
                             if sig.name in ln))
     print("stops:", *stopped, sep="\n  ")
     _finish_and_compare(ref, out)
+
+
+@pytest.mark.parametrize("rank,phase", [(0, "prepare"), (0, "generator"), (0, "synthesize"),
+                                        (0, "pretrain"), (0, "federate"), (0, "server"),
+                                        (0, "report"), (2, "synthesize"), (1, "pretrain")])
+def test_exception_in_any_phase_on_any_rank_ends_the_job(reference, tmp_path, rank, phase):
+    """A failure of the server (rank 0) in each of its phases, and of an idle client rank
+    during the server phase, ends all three ranks within seconds with the one error line."""
+    import shutil
+    import time
+
+    ref, _ = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)  # every stage complete: each phase is reached at once...
+    shutil.rmtree(out / "gptfl")  # ...and the FL rounds (the server step) run again
+    (out / ".gptfl.lock").unlink(missing_ok=True)
+    t = time.time()
+    p = run_cli(["run", TINY, "--out", out], n=3, check=False, timeout=120,
+                extra_env={"GPTFL_FAULT_RAISE_RANK": str(rank), "GPTFL_FAULT_PHASE": phase})
+    assert p.returncode != 0 and time.time() - t < 60, (p.returncode, p.stderr[-2000:])
+    assert f"injected fault on rank {rank} in phase {phase}" in p.stderr, p.stderr[-3000:]

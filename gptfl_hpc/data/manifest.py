@@ -20,6 +20,37 @@ from gptfl_hpc.fsio import write_json
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
+TEST_FILE = "test.h5"
+PUBLIC_FILE = "public.h5"
+KIND_DTYPES = {"image": "uint8", "features": "float32", "audio": "int16"}
+"""Sample dtype of each dataset kind (what a shard's /images must hold)."""
+
+
+def client_file(cid: int) -> str:
+    """Relative path of a client's shard inside the data directory."""
+    return f"clients/client_{cid:05d}.h5"
+
+
+def safe_path(data_dir: str | Path, rel: str) -> Path:
+    """`data_dir/rel`, refusing anything that leaves the directory: absolute paths, '..', and
+    symbolic links (a link could make one client's entry read another client's shard, or any
+    file on the machine)."""
+    import os
+
+    base = Path(data_dir)
+    p = base / rel
+    if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise DataError(f"{base / MANIFEST_NAME}: path {rel!r} leaves the data directory")
+    cur = base
+    for part in Path(rel).parts:
+        cur = cur / part
+        if cur.is_symlink():
+            raise DataError(f"{cur}: is a symbolic link; valid: the regular files `gptfl-hpc "
+                            "prepare` wrote (re-run it into a new directory)")
+    real_base = os.path.realpath(base)
+    if os.path.commonpath([real_base, os.path.realpath(p)]) != real_base:
+        raise DataError(f"{p}: resolves outside {base}")
+    return p
 
 
 def resolve_data_dir(data_dir: str | None, out: str | Path) -> Path:
@@ -121,21 +152,31 @@ class Manifest:
         m = cls(**kw)
         if [c.id for c in m.clients] != list(range(m.num_clients)):
             raise DataError(f"{where}: clients must be listed with ids 0..{m.num_clients - 1}")
+        expected = {f"client {c.id}": (c.file, client_file(c.id)) for c in m.clients}
+        expected["test"] = (m.test.file, TEST_FILE)
+        if m.public is not None:
+            expected["public"] = (m.public.file, PUBLIC_FILE)
+        for what, (got, want) in expected.items():
+            if got != want:
+                raise DataError(f"{where}: {what} file {got!r}; valid: {want!r} (a prepared "
+                                "directory only refers to its own files)")
+        if m.kind not in KIND_DTYPES:
+            raise DataError(f"{where}: kind {m.kind!r}; valid: {', '.join(KIND_DTYPES)}")
         return m
 
     # ---------------------------------------------------------------------------- paths
 
     def client_path(self, data_dir: str | Path, cid: int) -> Path:
-        return Path(data_dir) / self._client(cid).file
+        return safe_path(data_dir, self._client(cid).file)
 
     def test_path(self, data_dir: str | Path) -> Path:
-        return Path(data_dir) / self.test.file
+        return safe_path(data_dir, self.test.file)
 
     def public_path(self, data_dir: str | Path) -> Path:
         if self.public is None:
             raise DataError(f"dataset {self.dataset} in {data_dir} has no public split "
                             "(only data.source=digits reserves one)")
-        return Path(data_dir) / self.public.file
+        return safe_path(data_dir, self.public.file)
 
     def _client(self, cid: int) -> ClientEntry:
         if not 0 <= int(cid) < len(self.clients):
@@ -149,7 +190,8 @@ class Manifest:
         from gptfl_hpc.data.shards import read_shard
 
         x, y, attrs = read_shard(path, num_classes=self.num_classes,
-                                 input_shape=tuple(self.input_shape), verify=verify)
+                                 input_shape=tuple(self.input_shape), verify=verify,
+                                 dtype=KIND_DTYPES[self.kind])
         if attrs.get("sha256") != sha256:
             raise DataError(f"shard {path}: checksum {str(attrs.get('sha256'))[:12]}... differs "
                             f"from the manifest's {sha256[:12]}...: the file belongs to another "
@@ -169,6 +211,19 @@ class Manifest:
         path = self.public_path(data_dir)
         assert self.public is not None
         return self._read(path, self.public.sha256, verify)
+
+    def check_client(self, data_dir: str | Path, cid: int) -> None:
+        """Cheap start-up check of a client's shard (no sample read): it exists inside the data
+        directory, is a readable HDF5 file, and its attributes match this manifest."""
+        from gptfl_hpc.data.shards import read_attrs
+
+        entry = self._client(cid)
+        path = self.client_path(data_dir, cid)
+        attrs = read_attrs(path)
+        if attrs.get("sha256") != entry.sha256 or attrs.get("num_samples") != entry.num_samples:
+            raise DataError(f"shard {path}: its checksum/size attributes differ from the "
+                            "manifest's: the file belongs to another prepare run; re-run "
+                            "`gptfl-hpc prepare` into a new directory")
 
     def client_sizes(self) -> list[int]:
         return [c.num_samples for c in self.clients]

@@ -7,8 +7,10 @@ Layout of the data directory::
     DIR/public.h5                     the generator's public split (digits only)
     DIR/manifest.json                 written last: its presence marks a complete dataset
 
-Running it again with the same data config and seed is a no-op; with a different one it refuses
-to overwrite (use a new --out).
+Whether a directory already holds the requested data (reuse) or another request's (refuse) is
+decided by the prepare stage (gptfl_hpc/pipeline.py with gptfl_hpc/provenance.py); this module
+only writes. Every file is written atomically and the manifest last; the stage's completion
+record comes after it.
 """
 
 from __future__ import annotations
@@ -23,23 +25,25 @@ from typing import Any
 
 import numpy as np
 
+from gptfl_hpc import signals
 from gptfl_hpc.config import DataConfig
-from gptfl_hpc.data.manifest import FORMAT_VERSION, MANIFEST_NAME, ClientEntry, Manifest, SplitEntry
+from gptfl_hpc.data.manifest import (
+    FORMAT_VERSION,
+    ClientEntry,
+    Manifest,
+    SplitEntry,
+    client_file,
+)
 from gptfl_hpc.data.partition import partition
 from gptfl_hpc.data.shards import write_shard
 from gptfl_hpc.data.sources import Source, load_source
-from gptfl_hpc.errors import ConfigError, DataError
+from gptfl_hpc.errors import ConfigError, DataError, Preempted
 from gptfl_hpc.seeding import rng
 
 log = logging.getLogger(__name__)
 
 CLIENT_DIR = "clients"
 CLIENT_PATTERN = re.compile(r"^client_\d{5,}\.h5$")
-
-
-def client_file(cid: int) -> str:
-    """Relative path of a client's shard inside the data directory."""
-    return f"{CLIENT_DIR}/client_{cid:05d}.h5"
 
 
 def content_config(cfg: DataConfig, seed: int) -> dict[str, Any]:
@@ -110,19 +114,13 @@ def norm_stats(src: Source) -> tuple[list[float], list[float]]:
     return [round(float(v), 6) for v in m], [round(float(v), 6) for v in s]
 
 
-def _existing(out: Path, digest: str) -> Manifest | None:
-    if not (out / MANIFEST_NAME).exists():
-        return None
-    m = Manifest.load(out)
-    if m.config_hash != digest:
-        raise DataError(f"{out} already holds data prepared from a different data config or seed "
-                        f"(config_hash {m.config_hash[:12]}... != {digest[:12]}...); use a new "
-                        f"--out or delete {out}")
-    return m
+def prepare_data(cfg: DataConfig, seed: int, out_dir: str | Path,
+                 fingerprint: str | None = None) -> Manifest:
+    """Write the shards of ``cfg`` into ``out_dir`` (manifest last); return the manifest.
 
-
-def prepare_data(cfg: DataConfig, seed: int, out_dir: str | Path) -> Manifest:
-    """Prepare (or find up to date) the shards of ``cfg`` in ``out_dir``; return the manifest."""
+    `fingerprint` (the stage's request fingerprint) is stored as the manifest's config_hash;
+    without one the hash of the content-relevant data config is used.
+    """
     if out_dir is None:
         raise ConfigError("prepare: --out DIR is required (where the shards are written)")
     out = Path(out_dir)
@@ -130,12 +128,7 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: str | Path) -> Manifest:
         raise ConfigError(f"config key run.seed: invalid value {seed!r}; valid: >= 0")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: exists and is not a directory")
-    digest = config_hash(cfg, seed)
-    found = _existing(out, digest)
-    if found is not None:
-        log.info("data in %s is up to date (%d clients, config_hash %s)", out,
-                 found.num_clients, digest[:12])
-        return found
+    digest = fingerprint or config_hash(cfg, seed)
 
     # Step 1: load the source and partition it (everything is checked before any write)
     src = load_source(cfg, seed)
@@ -161,6 +154,9 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: str | Path) -> Manifest:
             "label_names": src.label_names}
     clients = []
     for cid, idx in enumerate(parts):
+        if signals.boundary():  # every shard is written atomically: a safe place to stop
+            raise Preempted(f"prepare stopped by {signals.reason()} after {cid} of "
+                            f"{cfg.num_clients} client shards; rerun the same command to prepare again")
         rel = client_file(cid)
         sha = write_shard(out / rel, src.train_images[idx], src.train_labels[idx],
                           {**base, "client_id": cid, "split": "client"})

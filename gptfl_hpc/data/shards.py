@@ -187,12 +187,16 @@ def _get(f: Any, name: str, path: str | Path, what: str) -> Any:
     if not isinstance(obj, h5py.Dataset):
         have = ", ".join(sorted(f.keys())) or "nothing"
         raise DataError(f"{what} {path}: no dataset '{name}' (has: {have}); re-create the file")
+    if obj.external or obj.is_virtual:
+        # external/virtual storage makes HDF5 read other files of the machine into the array
+        raise DataError(f"{what} {path}: dataset '{name}' uses external or virtual storage "
+                        "(it reads other files); valid: self-contained datasets")
     return obj
 
 
 def read_shard(path: str | Path, *, num_classes: int | None = None,
-               input_shape: tuple | None = None,
-               verify: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
+               input_shape: tuple | None = None, verify: bool = True,
+               dtype: str | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a whole shard read-only and check it; return (images, labels, attrs).
 
     Raises a one-line DataError for a missing/corrupt file, a missing dataset, a checksum
@@ -209,6 +213,9 @@ def read_shard(path: str | Path, *, num_classes: int | None = None,
         except (OSError, ValueError, KeyError) as e:
             raise DataError(f"shard {path}: unreadable data ({_one_line(e)}); the file is "
                             "truncated or corrupt: re-run `gptfl-hpc prepare`") from None
+    if dtype is not None and images.dtype != np.dtype(dtype):
+        raise DataError(f"shard {path}: samples are {images.dtype}, the dataset's kind needs "
+                        f"{dtype}; re-run `gptfl-hpc prepare` into a new directory")
     if input_shape is not None and tuple(images.shape[1:]) != tuple(input_shape):
         raise DataError(f"shard {path}: images have shape {_fmt_shape(images.shape[1:])} per "
                         f"sample, model/manifest expects {_fmt_shape(input_shape)}")

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gptfl_hpc.seeding import torch_generator
+from gptfl_hpc.seeding import derive, torch_generator
 
 
 def client_lr(fl_cfg, round_: int) -> float:
@@ -38,12 +38,27 @@ def train_client(model: torch.nn.Module, params: list[torch.Tensor], global_para
     flat parameter part of the round's global model (for FedProx's proximal term).
     """
     g = torch_generator(seed, "client-train", client_id, round_)
+    devices = [images.device.index or 0] if images.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        # layers that draw from torch's global RNG (dropout) get a stream of their own per
+        # (client, round), so a client's update does not depend on which rank trains it or on
+        # which clients trained before it there
+        torch.manual_seed(derive(seed, "client-dropout", client_id, round_))
+        return _train(model, params, global_params, images, labels, transform, fl_cfg, g,
+                      round_)
+
+
+def _train(model: torch.nn.Module, params: list[torch.Tensor], global_params: torch.Tensor,
+           images: torch.Tensor, labels: torch.Tensor, transform, fl_cfg,
+           g: torch.Generator, round_: int) -> float:
     opt = make_optimizer(fl_cfg, params, client_lr(fl_cfg, round_))
     n = len(labels)
     bs = fl_cfg.batch_size
     mu = fl_cfg.prox_mu if fl_cfg.algorithm == "fedprox" else 0.0
+    anchors = _split_like(global_params, params) if mu > 0 else []
     model.train()
-    total, count = 0.0, 0
+    total = torch.zeros((), dtype=torch.float64, device=labels.device)
+    count = 0
     for _ in range(fl_cfg.local_epochs):
         perm = torch.randperm(n, generator=g)
         for start in range(0, n, bs):
@@ -53,12 +68,23 @@ def train_client(model: torch.nn.Module, params: list[torch.Tensor], global_para
             x = transform(images[idx], g)
             y = labels[idx]
             loss = F.cross_entropy(model(x), y)
-            total += float(loss.detach()) * len(idx)
+            total += loss.detach().double() * len(idx)  # no host sync per step
             count += len(idx)
-            if mu > 0:
-                flat = torch.cat([p.reshape(-1) for p in params])
-                loss = loss + 0.5 * mu * torch.sum((flat - global_params) ** 2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            for p, w0 in zip(params, anchors):
+                # FedProx: the gradient of (mu/2)||w - w_global||^2, added elementwise (no
+                # reduction over the model, so no thread-count-dependent summation)
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - w0, alpha=mu)
             opt.step()
-    return total / max(count, 1)
+    return float(total.item()) / max(count, 1)
+
+
+def _split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Views of `flat` shaped like `params`, in order."""
+    out, offset = [], 0
+    for p in params:
+        out.append(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return out

@@ -1,102 +1,105 @@
 """`gptfl-hpc federate`: the round loop. The only file that assigns roles.
 
-Rank 0 is the server; ranks 1..N-1 are client workers, each owning a fixed set of FL clients
-(placed by expected work) whose shards only it opens. With one process, rank 0 plays both roles
-and runs the identical algorithm.
+Rank 0 is the server; ranks 1..N-1 are client workers. With one process, rank 0 plays both
+roles and runs the identical algorithm. :func:`federate` is set-up, a short loop and the end of
+the run; a round is :meth:`Federation.run_round`, and evaluation, metrics and checkpoints are
+hooks the loop calls at the end of each round on the server (pfl-research's ``algorithm.run`` with
+callbacks; torchtitan's ``Trainer.train``).
 
-Per round (all ranks):
-  Step 1. Every rank derives the round's sampled clients from (seed, round) — no message needed.
-  Step 2. Each worker trains its sampled clients one after another from the global model and
-          accumulates Σ n_k (w_k - w) plus statistics into ONE flat float32 buffer.
+Per round (all ranks; ``fl.sync=replicated``, the default):
+  Step 1. Every rank derives the round's sampled clients from (seed, round) and, with balanced
+          placement, the same assignment of those clients to the client ranks: no message.
+  Step 2. Each client rank trains its clients of the round one after another from the global
+          model and adds their weighted updates (n_k / N) (w_k - w) plus statistics into ONE
+          flat buffer (fl/aggregate.py; exact fixed point by default).
   Step 3. One in-place ``Allreduce(SUM)`` of that buffer (the server contributes zeros).
-  Step 4. The server divides by Σ n_k, applies the server optimiser and ``Bcast``s the global
-          flat buffer, which the model's parameters are views of (no copy).
-  Step 5. The server evaluates, writes metrics and checkpoints while workers start the next round.
+  Step 4. Every rank applies the same deterministic server optimiser step to the same reduced
+          buffer, so the round costs exactly one collective; rank 0 re-broadcasts its weights at
+          every checkpoint as a guard against drift. (``fl.sync=bcast``: rank 0 steps and
+          ``Bcast``s the weights, one more collective, for heterogeneous nodes.)
+  Step 5. The server evaluates, writes metrics and checkpoints while the workers start the next
+          round.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from gptfl_hpc import signals
+from gptfl_hpc import faults, signals
 from gptfl_hpc.errors import CommError, ConfigError, DataError, ModelError, Preempted
+from gptfl_hpc.fl.aggregate import (
+    N_STATS,
+    S_DIVERGED,
+    S_DROPPED,
+    S_LOSS,
+    S_OK,
+    S_SQNORM,
+    S_STOP,
+    S_WEIGHT,
+    RoundBuffer,
+    sq_norm,
+)
+from gptfl_hpc.fl.checkpoint import CheckpointPolicy, Checkpoints
 from gptfl_hpc.fl.client import train_client
 from gptfl_hpc.fl.fedavg import ServerOptimizer, gradient_diversity
-from gptfl_hpc.fl.params import FlatModel, host_buffer
-from gptfl_hpc.fl.schedule import imbalance, place_clients, rounds_to_target, sample_clients
+from gptfl_hpc.fl.params import FlatModel
+from gptfl_hpc.fl.schedule import (
+    assign_round,
+    imbalance,
+    place_clients,
+    rounds_to_target,
+    sample_clients,
+)
 from gptfl_hpc.fsio import load_safetensors, save_safetensors, write_json, write_text
 from gptfl_hpc.log import JsonlWriter
+from gptfl_hpc.numerics import set_threads
 from gptfl_hpc.seeding import derive
 
 log = logging.getLogger(__name__)
 
-# statistics slots appended to the reduced buffer (after the model delta)
-S_WEIGHT, S_SQNORM, S_LOSS, S_OK, S_DROPPED, S_STOP, S_RANKTIME = range(7)
+
+# ------------------------------------------------------------------------------ placement
 
 
-def cores_per_rank(sharers: int) -> int:
-    """torch threads of this process: the CPUs it may run on (the node when unbound, or what
-    Slurm/MPI bound it to) shared fairly among the `sharers` working processes bound to the same
-    CPUs. Without the division, ranks bound per socket (Open MPI's default above 2 ranks) would
-    each start a socket's worth of threads."""
+def threads_for(run_cfg: Any, comm: Any, role: str) -> int:
+    """torch threads of this rank: ``run.threads``, else its share of the CPUs it may run on.
+
+    Client ranks share their CPUs with the other *working* ranks bound to the same CPUs: the
+    server sleeps in an Ibarrier while clients train, so its cores go to the clients (with one
+    client rank on a 2-core node, that rank gets both). The server evaluates with its own fair
+    share (the CPUs divided by all ranks on them). With ``run.cpu_kernels=invariant`` the thread
+    count changes speed only, never the numbers.
+    """
     from gptfl_hpc.parallel.comm import cpu_affinity
 
-    return max(1, len(cpu_affinity()) // max(sharers, 1))
+    if run_cfg.threads:
+        return int(run_cfg.threads)
+    cpus = len(cpu_affinity())
+    sharers = list(getattr(comm, "sharers", [comm.rank]))
+    if role == "client":
+        working = [r for r in sharers if r != 0 or comm.size == 1]
+        return max(1, cpus // max(1, len(working)))
+    return max(1, cpus // max(1, len(sharers)))
 
 
-def setup_threads(run_cfg, comm) -> None:
-    torch.set_num_threads(run_cfg.threads or cores_per_rank(comm.cpu_sharers))
+def fl_device(run_cfg: Any, comm: Any) -> torch.device:
+    """FL compute device of this rank: its node-local GPU when run.device allows, else CPU."""
+    from gptfl_hpc.parallel.accel import rank_device
 
-
-def fl_device(run_cfg, comm) -> torch.device:
-    """FL compute device of this rank: its node-local GPU when run.device allows, else CPU.
-
-    The MPI buffers always stay in host memory (no CUDA-aware MPI assumed): a GPU worker copies
-    the global weights in once per round and each client's update out once.
-    """
-    from gptfl_hpc.parallel.accel import want_cuda
-
-    if not want_cuda(run_cfg.device):
-        return torch.device("cpu")
-    return torch.device("cuda", comm.local_rank % torch.cuda.device_count())
-
-
-def config_fingerprint(cfg) -> str:
-    import hashlib
-
-    from gptfl_hpc.config import to_dict
-
-    relevant = {k: to_dict(getattr(cfg, k)) for k in ("data", "model", "fl")}
-    relevant["seed"] = cfg.run.seed
-    relevant["fl"].pop("rounds")  # extending a run is a valid resume
-    relevant["fl"].pop("checkpoint_every")
-    relevant["fl"].pop("keep_checkpoints")
-    relevant["fl"].pop("sync")
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def ensure_data(cfg, data_dir: Path, comm):
-    """Rank 0 prepares the shards if no complete manifest exists; everyone loads the manifest."""
-    from gptfl_hpc.data.manifest import Manifest
-
-    if comm.rank == 0 and not (data_dir / "manifest.json").exists():
-        from gptfl_hpc.data.prepare import prepare_data
-
-        log.info("no prepared data in %s: preparing it now", data_dir)
-        prepare_data(cfg.data, seed=cfg.run.seed, out_dir=data_dir)
-    comm.barrier()
-    return Manifest.load(data_dir)
+    return rank_device(run_cfg.device, comm)
 
 
 def load_init(flat: FlatModel, init: str) -> None:
+    """Load an init checkpoint into `flat`; it must fit the model and be finite."""
     state, _ = load_safetensors(init)
     model_state = flat.model.state_dict()
     missing = sorted(set(model_state) - set(state))
@@ -107,284 +110,416 @@ def load_init(flat: FlatModel, init: str) -> None:
                   else f"shape of {bad[0]} is {tuple(state[bad[0]].shape)}, model has "
                        f"{tuple(model_state[bad[0]].shape)}")
         raise ModelError(f"init checkpoint {init} does not fit the model: {detail}")
+    nonfinite = [k for k, v in state.items()
+                 if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise ModelError(f"init checkpoint {init}: tensor {nonfinite[0]} has NaN/Inf values "
+                         f"({len(nonfinite)} tensor(s)); valid: a finite checkpoint")
     flat.load_state_dict({k: v.to(model_state[k].dtype) for k, v in state.items()})
 
 
-class Checkpoints:
-    """out/ckpt/round-NNNNN/{model,server_opt}.safetensors + state.json (written last)."""
+class ClientData:
+    """The shards this rank trains on, read read-only when first needed and kept in an LRU
+    cache of ``cache_bytes``. Only client ranks ever construct one: the server never opens a
+    client shard, and no client data crosses MPI."""
 
-    def __init__(self, out_dir: Path, keep: int) -> None:
-        self.root = out_dir / "ckpt"
-        self.keep = keep
+    def __init__(self, manifest: Any, data_dir: Path, device: torch.device,
+                 cache_bytes: int) -> None:
+        self.manifest, self.data_dir, self.device = manifest, data_dir, device
+        self.cache_bytes = cache_bytes
+        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._bytes = 0
 
-    def complete(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.glob("round-*") if (p / "state.json").is_file())
-
-    def save(self, round_: int, model_state: dict, opt_state: dict, state: dict) -> Path:
-        final = self.root / f"round-{round_:05d}"
-        tmp = self.root / f".tmp-round-{round_:05d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_safetensors(model_state, tmp / "model.safetensors")
-        save_safetensors(opt_state or {"_": torch.zeros(1)}, tmp / "server_opt.safetensors")
-        write_json(tmp / "state.json", state)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in self.complete()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def latest(self) -> tuple[dict, dict, dict] | None:
-        done = self.complete()
-        if not done:
-            return None
-        d = done[-1]
-        model_state, _ = load_safetensors(d / "model.safetensors")
-        opt_state, _ = load_safetensors(d / "server_opt.safetensors")
-        return model_state, opt_state, json.loads((d / "state.json").read_text())
+    def get(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if cid in self._cache:
+            self._cache.move_to_end(cid)
+            return self._cache[cid]
+        x, y = self.manifest.read_client(self.data_dir, cid)
+        item = (torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device))
+        size = x.nbytes + y.nbytes
+        while self._cache and self._bytes + size > self.cache_bytes:
+            _, (ox, oy) = self._cache.popitem(last=False)
+            self._bytes -= ox.numel() * ox.element_size() + oy.numel() * oy.element_size()
+        if size <= self.cache_bytes:
+            self._cache[cid] = item
+            self._bytes += size
+        return item
 
 
-def federate(cfg, out_dir: str | Path, resume: bool = False) -> dict | None:
-    """Run federated training; returns the summary on rank 0 (None on other ranks)."""
-    from gptfl_hpc.data.shards import read_shard, set_access_rank
+# ------------------------------------------------------------------------------ one round
+
+
+@dataclass
+class RoundResult:
+    round: int
+    sampled: list[int]
+    stats: np.ndarray
+    diversity_denominator: float
+    t_client: float
+    t_comm: float
+    t_server: float
+    t_server_wait: float
+    t_round: float
+    bytes_reduced: int
+    t_times: list[float] = field(default_factory=list)
+
+    @property
+    def stop(self) -> bool:
+        return self.stats[S_STOP] > 0
+
+
+class Federation:
+    """Everything a round needs, built once: data, model, buffers, optimiser state."""
+
+    def __init__(self, fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: Path,
+                 comm: Any, init: str, device: torch.device) -> None:
+        from gptfl_hpc.train.models import build_model
+        from gptfl_hpc.train.transforms import make_transform
+
+        self.fl, self.run_cfg, self.comm, self.dev = fl, run_cfg, comm, device
+        self.seed = run_cfg.seed
+        self.manifest, self.data_dir = manifest, data_dir
+        self.is_server = comm.rank == 0
+        self.workers = list(range(1, comm.size)) if comm.size > 1 else [0]
+        self.sizes = [c.num_samples for c in manifest.clients]
+        num_clients = len(self.sizes)
+        if fl.clients_per_round > num_clients:
+            raise ConfigError(f"config key fl.clients_per_round: {fl.clients_per_round} > "
+                              f"{num_clients} clients in {data_dir}; valid: 1..{num_clients}")
+        if len(self.workers) > num_clients:
+            raise CommError(f"{len(self.workers)} client ranks but only {num_clients} clients in "
+                            f"{data_dir}: launch at most {num_clients + 1} ranks")
+        self.static_owner = place_clients(self.sizes, self.workers)
+        in_shape = tuple(manifest.input_shape)
+        self.transform = make_transform(manifest.kind, manifest.norm_mean, manifest.norm_std,
+                                        in_shape, fl.augment)
+        model_shape = tuple(self.transform.output_shape)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive(self.seed, "model-init"))
+            self.global_model = FlatModel(build_model(model_cfg, model_shape,
+                                                      manifest.num_classes))
+        if init != "random":
+            load_init(self.global_model, init)
+        self.n_model = self.global_model.numel
+        self.n_params = self.global_model.num_params
+        is_worker = comm.rank in self.workers
+        self.work_model = (FlatModel(build_model(model_cfg, model_shape, manifest.num_classes)
+                                     .to(device)) if is_worker else None)
+        self.buffer = RoundBuffer(self.n_model, comm.size, fl.aggregation,
+                                  device=device if is_worker else "cpu")
+        self.server_opt = ServerOptimizer(fl.algorithm, self.n_model, lr=fl.server_lr,
+                                          momentum=fl.server_momentum, beta1=fl.server_beta1,
+                                          beta2=fl.server_beta2, tau=fl.server_tau)
+        self.replicated = fl.sync == "replicated" and comm.size > 1
+        cache = fl.client_cache_mb << 20 if fl.placement == "balanced" else 1 << 62
+        self.data = ClientData(manifest, data_dir, device, cache) if is_worker else None
+        if self.data is not None:  # every shard is checked before the first round
+            if fl.placement == "static":  # a rank's own shards, read (and verified) up front
+                for cid in sorted(c for c, w in self.static_owner.items() if w == comm.rank):
+                    self.data.get(cid)
+            else:  # balanced: the client ranks share a cheap check of all shards
+                me = self.workers.index(comm.rank)
+                for cid in range(me, num_clients, len(self.workers)):
+                    manifest.check_client(data_dir, cid)
+        self.fault_nan = faults.nan_clients()
+
+    # -------------------------------------------------------------------- state
+
+    def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {"model": self.global_model.state_dict(),
+                "server_opt": self.server_opt.state_dict() or {"_": torch.zeros(1)}}
+
+    def load_state(self, d: Path) -> None:
+        self.global_model.load_state_dict(Checkpoints.load(d, "model"))
+        if self.server_opt.state:
+            self.server_opt.load_state_dict(Checkpoints.load(d, "server_opt"))
+
+    def sync_from_server(self) -> None:
+        """Everyone takes rank 0's weights (and, when replicated, its optimiser state)."""
+        self.comm.bcast_(self.global_model.numpy())
+        if self.replicated:
+            for t in self.server_opt.state.values():
+                self.comm.bcast_(t.numpy())
+
+    # -------------------------------------------------------------------- a round
+
+    def assignment(self, sampled: list[int]) -> dict[int, int]:
+        if self.fl.placement == "balanced":
+            return assign_round(sampled, self.sizes, self.fl.local_epochs, self.workers)
+        return {c: self.static_owner[c] for c in sampled}
+
+    def run_round(self, rnd: int) -> RoundResult:
+        fl, comm, buf = self.fl, self.comm, self.buffer
+        t0 = time.perf_counter()
+        # Step 1: the round's clients and who trains them, identical on every rank
+        sampled = sample_clients(self.seed, rnd, len(self.sizes), fl.clients_per_round)
+        owner = self.assignment(sampled)
+        total = float(sum(self.sizes[c] for c in sampled))
+        buf.zero()
+        # Step 2: local training of this rank's clients of the round
+        todo = [c for c in sampled if owner[c] == comm.rank]
+        if todo:
+            self._train(rnd, todo, total)
+        t1 = time.perf_counter()
+        if signals.stop_requested() or (self.is_server and signals.boundary()):
+            buf.add_stat(S_STOP, 1.0)
+        # Step 3: one in-place Allreduce of the single flat buffer
+        host = buf.pack(comm.rank, t1 - t0)
+        comm.allreduce_sum_(host)
+        t2 = time.perf_counter()
+        wait_reduce, xfer_reduce = comm.last_wait, comm.last_xfer
+        vec, stats = buf.unpack()
+        # Step 4: server step (rank 0, or every rank when replicated)
+        denominator = 0.0
+        if self.replicated or self.is_server:
+            if self.is_server:
+                faults.point("server", comm.rank)
+            if stats[S_WEIGHT] > 0:
+                # the buffer holds sum_k (n_k / N) delta_k; dropped clients are re-weighted out
+                delta = (vec[:self.n_model] * (total / stats[S_WEIGHT])).float()
+                denominator = sq_norm(vec[:self.n_params])
+                self.server_opt.step(self.global_model.flat, delta)
+            elif self.is_server:
+                log.warning("round %d: no usable client update (all dropped); model unchanged",
+                            rnd)
+        t3 = time.perf_counter()
+        policy = CheckpointPolicy(fl.checkpoint_every, fl.rounds)
+        t_bcast = 0.0
+        if not self.replicated and comm.size > 1 or \
+                self.replicated and policy.should_save(rnd, stop=False):
+            comm.bcast_(self.global_model.numpy())
+            t_bcast = comm.last_xfer
+        rank_times = stats[N_STATS:].tolist()
+        worker_times = [rank_times[w] for w in self.workers]
+        return RoundResult(
+            round=rnd, sampled=sampled, stats=stats, diversity_denominator=denominator,
+            t_client=max(worker_times), t_comm=xfer_reduce + t_bcast, t_server=t3 - t2,
+            t_server_wait=wait_reduce, t_round=time.perf_counter() - t0,
+            bytes_reduced=int(host.nbytes), t_times=worker_times)
+
+    def _train(self, rnd: int, todo: list[int], total: float) -> None:
+        """Train this rank's clients of the round; add their encoded updates to the buffer."""
+        fl, buf, wm = self.fl, self.buffer, self.work_model
+        assert wm is not None and self.data is not None
+        global_dev = self.global_model.flat.to(self.dev)  # no copy on the CPU
+        for cid in todo:
+            faults.point("client", self.comm.rank)
+            wm.flat.copy_(global_dev)
+            x, y = self.data.get(cid)
+            loss = train_client(wm.model, wm.params, global_dev[:self.n_params], x, y,
+                                self.transform, fl, seed=self.seed, client_id=cid, round_=rnd)
+            update = wm.flat - global_dev
+            if cid in self.fault_nan:
+                update[0] = float("nan")
+            n_k = float(len(y))
+            if not (bool(torch.isfinite(update).all()) and np.isfinite(loss)):
+                log.warning("round %d: client %d sent a non-finite update; dropped", rnd, cid)
+                buf.add_stat(S_DROPPED, 1)
+                continue
+            encoded = buf.encode(update, n_k / total)
+            if encoded is None:
+                log.warning("round %d: client %d sent an update too large to aggregate "
+                            "(diverged); dropped", rnd, cid)
+                buf.add_stat(S_DIVERGED, 1)
+                continue
+            buf.add_vector(encoded)
+            buf.add_stat(S_WEIGHT, n_k)
+            buf.add_stat(S_SQNORM, (n_k / total) ** 2 * sq_norm(update[:self.n_params]))
+            buf.add_stat(S_LOSS, n_k * loss)
+            buf.add_stat(S_OK, 1)
+
+
+# ------------------------------------------------------------------------------ hooks
+
+
+class Evaluator:
+    """Server-side test metrics every ``fl.eval_every`` rounds and at the last round."""
+
+    def __init__(self, fed: Federation, model_cfg: Any, threads: int) -> None:
+        from gptfl_hpc.train.models import build_model
+        from gptfl_hpc.train.transforms import make_transform
+
+        m = fed.manifest
+        self.fed, self.every, self.last = fed, fed.fl.eval_every, fed.fl.rounds
+        self.threads = threads
+        in_shape = tuple(m.input_shape)
+        x, y = m.read_test(fed.data_dir)
+        self.x, self.y = torch.from_numpy(x).to(fed.dev), torch.from_numpy(y).to(fed.dev)
+        self.tf = make_transform(m.kind, m.norm_mean, m.norm_std, in_shape, False)
+        # on a GPU the server evaluates a device copy; on the CPU the global model itself
+        self.model = fed.global_model if fed.dev.type == "cpu" else FlatModel(
+            build_model(model_cfg, tuple(self.tf.output_shape), m.num_classes).to(fed.dev))
+
+    def __call__(self, rnd: int) -> dict[str, Any]:
+        from gptfl_hpc.train.evaluate import evaluate
+
+        if rnd % self.every and rnd != self.last:
+            return {"test_accuracy": None, "test_macro_f1": None, "test_loss": None,
+                    "t_eval": 0.0}
+        t0 = time.perf_counter()
+        if self.model is not self.fed.global_model:
+            self.model.flat.copy_(self.fed.global_model.flat)
+        saved = torch.get_num_threads()
+        set_threads(self.threads)
+        try:
+            m = evaluate(self.model.model, self.x, self.y, self.tf,
+                         batch_size=self.fed.fl.eval_batch_size, device=self.fed.dev,
+                         num_classes=self.fed.manifest.num_classes)
+        finally:
+            set_threads(saved)
+        return {"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"],
+                "test_loss": m["loss"], "t_eval": time.perf_counter() - t0}
+
+
+def round_record(r: RoundResult) -> dict[str, Any]:
+    """The metrics.jsonl line of a round (without evaluation and wall clock)."""
+    s = r.stats
+    weight = s[S_WEIGHT]
+    return {
+        "round": r.round, "sampled_clients": r.sampled, "num_samples": int(round(weight)),
+        "clients_ok": int(round(s[S_OK])), "clients_dropped": int(round(s[S_DROPPED])),
+        "clients_diverged": int(round(s[S_DIVERGED])),
+        "train_loss": s[S_LOSS] / weight if weight > 0 else None,
+        "grad_diversity": (gradient_diversity(s[S_SQNORM], r.diversity_denominator)
+                           if weight > 0 else None),
+        "t_client": r.t_client, "t_comm": r.t_comm, "t_server": r.t_server,
+        "t_server_wait": r.t_server_wait,
+        "t_idle": float(np.mean([r.t_client - t for t in r.t_times])),
+        "t_idle_max": float(max(r.t_client - t for t in r.t_times)),
+        "t_round": r.t_round, "bytes_reduced": r.bytes_reduced,
+    }
+
+
+def _log_round(r: dict, total: int) -> None:
+    acc = "   -  " if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:5.1f}%"
+    log.info("round %d/%d acc %s loss %s | %d clients, %d samples | client %.2fs idle %.2fs "
+             "comm %.3fs server %.3fs eval %.2fs", r["round"], total, acc,
+             "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}", r["clients_ok"],
+             r["num_samples"], r["t_client"], r["t_idle"], r["t_comm"], r["t_server"],
+             r["t_eval"])
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: str | Path,
+             out_dir: str | Path, init: str = "random", fingerprint: str = "",
+             resume: bool = False, comm: Any = None,
+             config_yaml: str | None = None) -> dict | None:
+    """Run federated training; returns the summary on rank 0 (None on other ranks).
+
+    `fingerprint` identifies the request (gptfl_hpc.provenance); a checkpoint of another
+    request is never resumed. Without `resume` a checkpoint of this request is refused with a
+    message (rerun with --resume).
+    """
+    from gptfl_hpc.data.shards import set_access_rank
+    from gptfl_hpc.numerics import training_kernels
     from gptfl_hpc.parallel.comm import get_comm
-    from gptfl_hpc.train.evaluate import evaluate
-    from gptfl_hpc.train.models import build_model
-    from gptfl_hpc.train.transforms import ImageTransform
 
     t_start = time.perf_counter()
-    comm = get_comm()
+    comm = comm or get_comm()
+    out_dir, data_dir = Path(out_dir), Path(data_dir)
     signals.install()
-    setup_threads(cfg.run, comm)
     set_access_rank(comm.rank)
-    fl, seed = cfg.fl, cfg.run.seed
-    out_dir = Path(out_dir)
-    data_dir = Path(cfg.data.dir) if cfg.data.dir else out_dir / "data"
-    is_server = comm.rank == 0
-    workers = list(range(1, comm.size)) if comm.size > 1 else [0]
+    faults.point("federate", comm.rank)
+    set_threads(threads_for(run_cfg, comm, "client"))
+    dev = fl_device(run_cfg, comm)
+    with training_kernels(run_cfg.cpu_kernels, dev.type):
+        fed = Federation(fl, model_cfg, run_cfg, manifest=manifest, data_dir=data_dir,
+                         comm=comm, init=init, device=dev)
+        ckpts = Checkpoints(out_dir, fl.keep_checkpoints)
+        start_round, history, wall_before = 1, [], 0.0
+        metrics = evaluator = None
+        if fed.is_server:
+            start_round, history, wall_before = _resume_state(fed, ckpts, fingerprint, resume)
+            evaluator = Evaluator(fed, model_cfg, threads_for(run_cfg, comm, "server"))
+            if config_yaml is not None:
+                write_text(out_dir / "config.yaml", config_yaml)
+            metrics = JsonlWriter(out_dir / "metrics.jsonl",
+                                  keep_through=start_round - 1 if start_round > 1 else None)
+        placement = _placement(fed, comm, dev)
+        start_round = int(comm.bcast_json(start_round))
+        fed.sync_from_server()  # everyone starts from the server's weights and state
 
-    # ---- validation before any expensive work ------------------------------------------
-    manifest = ensure_data(cfg, data_dir, comm)
-    num_clients = len(manifest.clients)
-    if fl.clients_per_round > num_clients:
-        raise ConfigError(f"config key fl.clients_per_round: {fl.clients_per_round} > "
-                          f"{num_clients} clients in {data_dir}; valid: 1..{num_clients}")
-    if len(workers) > num_clients:
-        raise CommError(f"{len(workers)} client ranks but only {num_clients} clients in "
-                        f"{data_dir}: launch at most {num_clients + 1} ranks")
-    sizes = [c.num_samples for c in manifest.clients]
-    owner = place_clients(sizes, workers)
-    mine = sorted(c for c, w in owner.items() if w == comm.rank)
-    in_shape = tuple(manifest.input_shape)
-    transform = ImageTransform(manifest.norm_mean, manifest.norm_std, in_shape, fl.augment)
+        policy = CheckpointPolicy(fl.checkpoint_every, fl.rounds)
+        for rnd in range(start_round, fl.rounds + 1):
+            result = fed.run_round(rnd)
+            if fed.is_server:
+                assert evaluator is not None and metrics is not None
+                record = round_record(result) | evaluator(rnd)
+                record["wall_seconds"] = wall_before + time.perf_counter() - t_start
+                metrics.write(record)
+                history.append([rnd, record["test_accuracy"]])
+                _log_round(record, fl.rounds)
+                if policy.should_save(rnd, result.stop):
+                    ckpts.save(rnd, fed.state_tensors(),
+                               {"round": rnd, "fingerprint": fingerprint, "history": history,
+                                "wall_seconds": record["wall_seconds"],
+                                "world_size": comm.size})
+            if result.stop:
+                # non-zero exits end in MPI_Abort (python -m mpi4py): release the ranks only
+                # once the server's checkpoint is on disk
+                comm.barrier()
+                raise Preempted(f"stopped after round {rnd} ({signals.reason()}); checkpoint "
+                                f"saved in {ckpts.root}; rerun with --resume")
+        summary = None
+        if fed.is_server:
+            summary = _finish(out_dir, fed, history, fl, model_cfg, placement, comm.library,
+                              init, wall_before + time.perf_counter() - t_start, fingerprint)
+        comm.barrier()
+    return summary
 
-    torch.manual_seed(derive(seed, "model-init"))
-    global_model = FlatModel(build_model(cfg.model, in_shape, manifest.num_classes))
-    if fl.init != "random":
-        load_init(global_model, fl.init)
 
-    # ---- data: each worker opens only its own clients' shards; the server only the test set
-    dev = fl_device(cfg.run, comm)
-    # where every rank runs (one small gather at start-up): logged and kept in summary.json
+def _resume_state(fed: Federation, ckpts: Checkpoints, fingerprint: str,
+                  resume: bool) -> tuple[int, list, float]:
+    from gptfl_hpc.provenance import StaleOutputError
+
+    found = ckpts.latest()
+    if found is None:
+        if resume:
+            log.info("--resume: no checkpoint in %s, starting at round 1", ckpts.root)
+        return 1, [], 0.0
+    d, state = found
+    if state.get("fingerprint") != fingerprint:
+        raise StaleOutputError(f"{ckpts.root} holds checkpoints of another request; use a new "
+                               "--out, or rerun with the settings that made them")
+    if not resume:
+        raise StaleOutputError(f"{ckpts.root} holds a partial run of this request (round "
+                               f"{state['round']}); rerun with --resume to continue it, or use "
+                               "a new --out")
+    fed.load_state(d)
+    log.info("resuming from %s (round %d)", d, state["round"])
+    return int(state["round"]) + 1, list(state.get("history", [])), \
+        float(state.get("wall_seconds", 0.0))
+
+
+def _placement(fed: Federation, comm: Any, dev: torch.device) -> list[dict]:
+    """Where every rank runs (one small gather at start-up): logged and kept in summary.json."""
+    fl = fed.fl
+    mine = (sum(1 for w in fed.static_owner.values() if w == comm.rank)
+            if fl.placement == "static" else None)
     placement = comm.allgather_json({"rank": comm.rank, "node": comm.node,
                                      "local_rank": comm.local_rank, "device": str(dev),
-                                     "threads": torch.get_num_threads(), "clients": len(mine)})
-    client_data: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for cid in mine:
-        images, labels, _ = read_shard(manifest.client_path(data_dir, cid),
-                                       num_classes=manifest.num_classes, input_shape=in_shape)
-        client_data[cid] = (torch.from_numpy(images).to(dev), torch.from_numpy(labels).to(dev))
-    if is_server:
-        test_x, test_y, _ = read_shard(manifest.test_path(data_dir),
-                                       num_classes=manifest.num_classes, input_shape=in_shape)
-        eval_tf = ImageTransform(manifest.norm_mean, manifest.norm_std, in_shape, False)
-        # on a GPU the server evaluates a device copy; on the CPU the global model itself
-        eval_model = global_model if dev.type == "cpu" else FlatModel(
-            build_model(cfg.model, in_shape, manifest.num_classes).to(dev))
-        test_x, test_y = torch.from_numpy(test_x).to(dev), torch.from_numpy(test_y).to(dev)
-
-    # ---- state: fresh or resumed ---------------------------------------------------------
-    fingerprint = config_fingerprint(cfg)
-    server_opt = ServerOptimizer(fl.algorithm, global_model.numel, lr=fl.server_lr,
-                                 momentum=fl.server_momentum, beta1=fl.server_beta1,
-                                 beta2=fl.server_beta2, tau=fl.server_tau)
-    ckpts = Checkpoints(out_dir, fl.keep_checkpoints)
-    start_round, history, wall_before = 1, [], 0.0
-    if is_server:
-        resumed = ckpts.latest() if resume else None
-        if resumed is not None:
-            model_state, opt_state, state = resumed
-            if state["fingerprint"] != fingerprint:
-                raise ConfigError(f"--resume: checkpoint in {ckpts.root} was written with a "
-                                  "different data/model/fl config; use a new --out")
-            global_model.load_state_dict(model_state)
-            if server_opt.state:
-                server_opt.load_state_dict(opt_state)
-            start_round, history = state["round"] + 1, state["history"]
-            wall_before = state["wall_seconds"]
-            log.info("resuming from %s (round %d)", ckpts.complete()[-1], state["round"])
-        elif resume:
-            log.info("--resume: no checkpoint in %s, starting fresh", ckpts.root)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        from gptfl_hpc.config import dump_yaml
-
-        write_text(out_dir / "config.yaml", dump_yaml(cfg))
-        metrics = JsonlWriter(out_dir / "metrics.jsonl",
-                              keep_through=start_round - 1 if start_round > 1 else None)
+                                     "threads": torch.get_num_threads(), "clients": mine})
+    if fed.is_server:
         log.info("federate: %d ranks (%d client workers), %d clients, %d per round, %s, "
-                 "model %s (%d params, flat buffer %.1f MB), placement imbalance %.2f",
-                 comm.size, len(workers), num_clients, fl.clients_per_round, fl.algorithm,
-                 cfg.model.name, global_model.num_params, global_model.numel * 4 / 1e6,
-                 imbalance(sizes, owner))
+                 "placement %s%s, aggregation %s, model %d params (buffer %.1f MB)",
+                 comm.size, len(fed.workers), len(fed.sizes), fl.clients_per_round,
+                 fl.algorithm, fl.placement,
+                 f" (imbalance {imbalance(fed.sizes, fed.static_owner):.2f})"
+                 if fl.placement == "static" else "", fl.aggregation, fed.n_params,
+                 fed.buffer.host.nbytes / 1e6)
         nodes = sorted({p["node"] for p in placement})
         where = "; ".join(f"r{p['rank']}@{p['node']}/{p['local_rank']} {p['device']} "
                           f"x{p['threads']}" for p in placement)
         log.info("placement (%s): %d node(s) %s; %s", comm.library, len(nodes), ",".join(nodes),
                  where)
-    start_round = int(comm.bcast_json(start_round))
-    comm.bcast_(global_model.numpy())  # everyone starts from the server's weights
-
-    # ---- buffers --------------------------------------------------------------------------
-    n_model = global_model.numel
-    n_params = global_model.num_params
-    acc = host_buffer(n_model + S_RANKTIME + comm.size)
-    acc_np = acc.numpy()
-    work_model = (FlatModel(build_model(cfg.model, in_shape, manifest.num_classes).to(dev))
-                  if mine else None)
-    fault_nan = {int(x) for x in os.environ.get("GPTFL_FAULT_NAN_CLIENT", "").split(",") if x}
-    fault_rank = os.environ.get("GPTFL_FAULT_RAISE_RANK")
-    replicated = fl.sync == "replicated" and comm.size > 1
-    if replicated:  # every rank steps the server optimiser: start from rank 0's state
-        for t in server_opt.state.values():
-            comm.bcast_(t.numpy())
-
-    summary = None
-    for rnd in range(start_round, fl.rounds + 1):
-        t0 = time.perf_counter()
-        # Step 1: the round's clients, identical on every rank
-        sampled = sample_clients(seed, rnd, num_clients, fl.clients_per_round)
-        acc.zero_()
-        # Step 2: local training of this rank's sampled clients
-        todo = [c for c in sampled if owner[c] == comm.rank]
-        global_dev = global_model.flat.to(dev) if todo else None  # no copy on the CPU
-        for cid in todo:
-            if fault_rank is not None and int(fault_rank) == comm.rank:
-                raise RuntimeError(f"injected fault on rank {comm.rank} (GPTFL_FAULT_RAISE_RANK)")
-            work_model.flat.copy_(global_dev)
-            x, y = client_data[cid]
-            loss = train_client(work_model.model, work_model.params, global_dev[:n_params], x, y,
-                                transform, fl, seed=seed, client_id=cid, round_=rnd)
-            update = (work_model.flat - global_dev).cpu()
-            if cid in fault_nan:
-                update[0] = float("nan")
-            n_k = float(len(y))
-            if not (bool(torch.isfinite(update).all()) and np.isfinite(loss)):
-                log.warning("round %d: client %d sent a non-finite update; dropped", rnd, cid)
-                acc[n_model + S_DROPPED] += 1
-                continue
-            acc[:n_model].add_(update, alpha=n_k)
-            acc[n_model + S_WEIGHT] += n_k
-            acc[n_model + S_SQNORM] += n_k * n_k * float(update[:n_params].pow(2).sum())
-            acc[n_model + S_LOSS] += n_k * loss
-            acc[n_model + S_OK] += 1
-        t1 = time.perf_counter()
-        acc[n_model + S_RANKTIME + comm.rank] = t1 - t0
-        if signals.stop_requested() or (is_server and signals.boundary()):
-            acc[n_model + S_STOP] = 1.0
-        # Step 3: one in-place Allreduce of the single flat buffer
-        comm.allreduce_sum_(acc_np)
-        t2 = time.perf_counter()
-        wait_reduce, xfer_reduce = comm.last_wait, comm.last_xfer
-        # Step 4: server step (rank 0, or every rank when replicated), then the weights
-        # reach every rank: replicated ranks already hold them; otherwise one Bcast into the
-        # flat buffer the parameters are views of (no copy)
-        stats = acc[n_model:].tolist()
-        weight = stats[S_WEIGHT]
-        sum_sq = 0.0
-        if replicated or is_server:
-            if weight > 0:
-                delta = acc[:n_model].div_(weight)
-                sum_sq = float((delta[:n_params] * weight).pow(2).sum())
-                server_opt.step(global_model.flat, delta)
-            elif is_server:
-                log.warning("round %d: no usable client update (all dropped); model unchanged",
-                            rnd)
-        t3 = time.perf_counter()
-        resync = replicated and (rnd % fl.checkpoint_every == 0 or rnd == fl.rounds)
-        if not replicated or resync:
-            comm.bcast_(global_model.numpy())
-            t_bcast = comm.last_xfer
-        else:
-            t_bcast = 0.0
-        t4 = time.perf_counter()
-        if not is_server:
-            if stats[S_STOP] > 0:
-                comm.barrier()  # until the server has saved this round's checkpoint
-                raise Preempted(f"stopped after round {rnd} ({signals.reason()}); "
-                                "the server saved a checkpoint")
-            continue
-        # Step 5: server-side evaluation, metrics, checkpoints
-        rank_times = stats[S_RANKTIME:]
-        worker_times = [rank_times[w] for w in workers]
-        t_client = max(worker_times)
-        record = {
-            "round": rnd, "sampled_clients": sampled,
-            "num_samples": int(weight), "clients_ok": int(stats[S_OK]),
-            "clients_dropped": int(stats[S_DROPPED]),
-            "train_loss": stats[S_LOSS] / weight if weight > 0 else None,
-            "grad_diversity": gradient_diversity(stats[S_SQNORM], sum_sq) if weight > 0 else None,
-            "t_client": t_client,
-            "t_comm": xfer_reduce + t_bcast,
-            "t_server": t3 - t2,
-            "t_server_wait": wait_reduce,
-            "t_idle": float(np.mean([t_client - t for t in worker_times])),
-            "t_round": t4 - t0,
-            "bytes_reduced": int(acc_np.nbytes), "bytes_broadcast": int(global_model.numel * 4),
-        }
-        if rnd % fl.eval_every == 0 or rnd == fl.rounds:
-            te = time.perf_counter()
-            if eval_model is not global_model:
-                eval_model.flat.copy_(global_model.flat)
-            m = evaluate(eval_model.model, test_x, test_y, eval_tf, batch_size=fl.eval_batch_size,
-                         device=dev, num_classes=manifest.num_classes)
-            record.update(test_accuracy=m["accuracy"], test_macro_f1=m["macro_f1"],
-                          test_loss=m["loss"], t_eval=time.perf_counter() - te)
-        else:
-            record.update(test_accuracy=None, test_macro_f1=None, test_loss=None, t_eval=0.0)
-        record["wall_seconds"] = wall_before + time.perf_counter() - t_start
-        metrics.write(record)
-        history.append([rnd, record["test_accuracy"]])
-        _log_round(record, fl.rounds)
-        stop = stats[S_STOP] > 0
-        if rnd % fl.checkpoint_every == 0 or rnd == fl.rounds or stop:
-            ckpts.save(rnd, global_model.state_dict(), server_opt.state_dict(),
-                       {"round": rnd, "fingerprint": fingerprint, "history": history,
-                        "wall_seconds": record["wall_seconds"], "world_size": comm.size})
-        if stop:
-            # non-zero exits end in MPI_Abort (python -m mpi4py): release the workers only
-            # once the checkpoint is on disk
-            comm.barrier()
-            raise Preempted(f"stopped after round {rnd} ({signals.reason()}); checkpoint saved "
-                            f"in {ckpts.root}; rerun with --resume")
-    if is_server:
-        summary = _finish(out_dir, global_model, history, fl, cfg, placement, comm.library,
-                          wall_before + time.perf_counter() - t_start)
-    comm.barrier()
-    return summary
+    return placement
 
 
-def _log_round(r: dict, total: int) -> None:
-    acc = "   -  " if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:5.1f}%"
-    log.info("round %d/%d acc %s loss %s | %d clients, %d samples | client %.2fs comm %.3fs "
-             "server %.3fs eval %.2fs", r["round"], total, acc,
-             "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}", r["clients_ok"],
-             r["num_samples"], r["t_client"], r["t_comm"], r["t_server"], r["t_eval"])
-
-
-def _finish(out_dir: Path, model: FlatModel, history: list, fl, cfg, placement: list,
-            mpi_library: str, wall: float) -> dict:
+def _finish(out_dir: Path, fed: Federation, history: list, fl: Any, model_cfg: Any,
+            placement: list, mpi_library: str, init: str, wall: float,
+            fingerprint: str) -> dict:
     evaluated = [(r, a) for r, a in history if a is not None]
     if not evaluated:
         raise DataError("no evaluated round in the history")
@@ -394,16 +529,22 @@ def _finish(out_dir: Path, model: FlatModel, history: list, fl, cfg, placement: 
         "best_accuracy": best, "best_round": best_round,
         "target_accuracy": fl.target_accuracy,
         "rounds_to_target": rounds_to_target(evaluated, fl.target_accuracy),
-        "rounds": fl.rounds, "algorithm": fl.algorithm, "init": fl.init,
-        "model": cfg.model.name, "world_size": len(placement), "wall_seconds": wall,
+        "rounds": fl.rounds, "algorithm": fl.algorithm, "init": init,
+        "model": model_cfg.name, "world_size": len(placement), "wall_seconds": wall,
         "nodes": len({p["node"] for p in placement}), "placement": placement,
-        "mpi_library": mpi_library,
-        "accuracy_by_round": evaluated,
+        "mpi_library": mpi_library, "aggregation": fl.aggregation,
+        "client_placement": fl.placement,
+        "accuracy_by_round": evaluated, "fingerprint": fingerprint,
     }
-    save_safetensors(model.state_dict(), out_dir / "final.safetensors",
-                     metadata={"model": cfg.model.name, "rounds": str(fl.rounds)})
+    save_safetensors(fed.global_model.state_dict(), out_dir / "final.safetensors",
+                     metadata={"model": model_cfg.name, "rounds": str(fl.rounds),
+                               "fingerprint": fingerprint})
     write_json(out_dir / "summary.json", summary)
     log.info("done: final accuracy %.2f%%, best %.2f%% (round %d), rounds to %.0f%%: %s, %.1fs",
              100 * summary["final_accuracy"], 100 * best, best_round, 100 * fl.target_accuracy,
              summary["rounds_to_target"], wall)
     return summary
+
+
+def read_summary(out_dir: str | Path) -> dict:
+    return json.loads((Path(out_dir) / "summary.json").read_text(encoding="utf-8"))

@@ -20,6 +20,27 @@ def sample_clients(seed: int, round_: int, num_clients: int, k: int) -> list[int
     return sorted(int(c) for c in chosen)
 
 
+def _lpt(clients: list[int], cost: list[int] | dict[int, int],
+         workers: list[int]) -> dict[int, int]:
+    """Longest processing time first: each client (largest cost first, ties by id) to the
+    least-loaded worker (ties by rank). Deterministic."""
+    load = {w: 0 for w in workers}
+    owner: dict[int, int] = {}
+    for c in sorted(clients, key=lambda c: (-cost[c], c)):
+        w = min(workers, key=lambda r: (load[r], r))
+        owner[c] = w
+        load[w] += cost[c]
+    return owner
+
+
+def assign_round(sampled: list[int], num_samples: list[int], local_epochs: int,
+                 workers: list[int]) -> dict[int, int]:
+    """Balanced placement: this round's sampled clients spread over the workers by expected
+    cost (samples x local epochs), longest first. Every rank computes the same assignment from
+    the seed-determined sample; no message is needed."""
+    return _lpt(list(sampled), {c: num_samples[c] * local_epochs for c in sampled}, workers)
+
+
 def place_clients(num_samples: list[int], workers: list[int]) -> dict[int, int]:
     """Owner rank per client: greedy longest-processing-time on sample counts.
 
@@ -27,14 +48,7 @@ def place_clients(num_samples: list[int], workers: list[int]) -> dict[int, int]:
     proportional to its sample count; LPT keeps the ranks' expected loads within one client's
     size of each other. Deterministic (ties -> lower client id, then lower rank).
     """
-    load = {w: 0 for w in workers}
-    owner: dict[int, int] = {}
-    order = sorted(range(len(num_samples)), key=lambda c: (-num_samples[c], c))
-    for c in order:
-        w = min(workers, key=lambda r: (load[r], r))
-        owner[c] = w
-        load[w] += num_samples[c]
-    return owner
+    return _lpt(list(range(len(num_samples))), num_samples, workers)
 
 
 def rounds_to_target(accuracies: list[tuple[int, float | None]], target: float) -> int | None:

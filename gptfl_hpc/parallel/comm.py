@@ -73,6 +73,7 @@ class LocalComm:
     local_size = 1
     library = "none (one process, no MPI)"
     cpu_sharers = 1
+    sharers = [0]
     is_mpi = False
     last_wait = 0.0
     last_xfer = 0.0
@@ -138,7 +139,8 @@ class MPIComm:
             [k[0] for k in keys], self.rank)
         # ranks of this node bound to exactly this rank's CPUs (all of the node's ranks when
         # unbound, 1 under per-task binding, the ranks of a socket under socket binding)
-        self.cpu_sharers = keys.count(keys[self.rank])
+        self.sharers = [r for r, k in enumerate(keys) if k == keys[self.rank]]
+        self.cpu_sharers = len(self.sharers)
         # "Open MPI v5.0.11", "MPICH Version: 5.0.2": which MPI mpi4py loaded
         self.library = " ".join(MPI.Get_library_version().splitlines()[0].split(",")[0].split())
 
@@ -270,3 +272,22 @@ def check_slurm_world(size: int) -> None:
             f"MPI world size {size} != SLURM_NTASKS {ntasks}: the ranks do not form one MPI "
             "world (srun needs --mpi=pmix|pmi2 matching your MPI, or use mpiexec); set "
             "GPTFL_ALLOW_NTASKS_MISMATCH=1 to override")
+
+
+def on_root(comm: Any, fn: Any) -> Any:
+    """Run ``fn()`` on rank 0 of `comm` and broadcast its JSON-able result. A GptflError raised
+    there is re-raised on every rank (same class, same one-line message), so no rank is left
+    waiting in a collective and every rank exits with the same error."""
+    import gptfl_hpc.errors as errors
+
+    payload: Any = None
+    if comm.rank == 0:
+        try:
+            payload = {"ok": fn()}
+        except errors.GptflError as e:
+            payload = {"error": str(e), "type": type(e).__name__}
+    if comm.size > 1:
+        payload = comm.bcast_json(payload)
+    if "error" in payload:
+        raise getattr(errors, payload["type"], errors.GptflError)(payload["error"])
+    return payload["ok"]

@@ -1,0 +1,127 @@
+"""The round's reduction buffer: the clients' weighted updates plus statistics, one flat array.
+
+Every rank adds the updates of the clients it trained into its own buffer; one in-place
+``Allreduce(SUM)`` of that buffer gives every rank the sum over all sampled clients. Layout::
+
+    [ sum_k (n_k / N) * delta_k  (model numel) | extra vectors (e.g. SCAFFOLD) | statistics ]
+
+where N = sum of the sampled clients' sample counts (every rank knows them from the manifest),
+so the model part is the sample-weighted mean update when no client is dropped.
+
+Two encodings (``fl.aggregation``):
+
+* ``exact`` (default): int64 fixed point on a grid of 2**-40. Each client's weighted update is
+  rounded to the grid once (a deterministic function of that client's training only), and
+  integer addition is associative, so the sum -- and therefore the new global model -- is
+  bit-identical for any number of ranks, any placement of clients on ranks and any reduction
+  order MPI picks. The rounding is far below float32 resolution for weights above ~1e-5 (an
+  averaged update element below 2**-41 rounds to 0); averaged update elements must stay below
+  2**22 in magnitude (a client update larger than that is dropped as diverged). Twice the bytes
+  of float32 on the wire.
+* ``float32``: the plain float32 sum, half the bytes; the result depends on the order of the
+  additions (rank-local partial sums, then MPI's order), i.e. on the rank count and placement,
+  in the last bits (about 1e-7 relative per round).
+
+Statistics use the same encoding (fixed point: exact; float32: as is), so with ``exact`` the
+reported train loss and gradient diversity are placement-independent too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+GRID_BITS = 40
+SCALE = float(2**GRID_BITS)
+LIMIT = float(2**22)
+"""Largest |weighted update element| the fixed-point encoding accepts (int64 headroom for
+sums over many clients)."""
+STAT_BITS = 24
+"""Fixed-point bits of the statistics (SQNORM, which can be tiny, uses GRID_BITS)."""
+ENCODINGS = ("exact", "float32")
+
+# statistics slots (after the vectors)
+S_WEIGHT, S_LOSS, S_SQNORM, S_OK, S_DROPPED, S_DIVERGED, S_STOP, S_RANKTIME = range(8)
+N_STATS = S_RANKTIME
+
+
+class RoundBuffer:
+    """One rank's reduction buffer for a round (host memory; numpy-allocated, see params.py)."""
+
+    def __init__(self, numel: int, world: int, encoding: str = "exact", extra: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+        if encoding not in ENCODINGS:
+            raise ValueError(f"aggregation {encoding!r}; valid: {', '.join(ENCODINGS)}")
+        self.numel, self.extra, self.world, self.encoding = numel, extra, world, encoding
+        self.vec = numel + extra
+        self.exact = encoding == "exact"
+        dtype = np.int64 if self.exact else np.float32
+        self.host = np.zeros(self.vec + N_STATS + world, dtype=dtype)
+        self.device = torch.device(device)
+        # on a GPU the vectors accumulate on the device and are copied to the host once
+        tdtype = torch.int64 if self.exact else torch.float32
+        self._vec = (torch.from_numpy(self.host[:self.vec]) if self.device.type == "cpu"
+                     else torch.zeros(self.vec, dtype=tdtype, device=self.device))
+        self.stats = np.zeros(N_STATS + world, dtype=np.float64)
+        self._stat_scale = np.full(N_STATS + world, 2.0**STAT_BITS)
+        self._stat_scale[S_SQNORM] = SCALE
+
+    def zero(self) -> None:
+        self.host[:] = 0
+        if self._vec.device.type != "cpu":
+            self._vec.zero_()
+        self.stats[:] = 0
+
+    # ------------------------------------------------------------------------ adding
+
+    def encode(self, update: torch.Tensor, scale: float) -> torch.Tensor | None:
+        """`scale * update` in the buffer's encoding (on the update's device); None if any
+        element is out of the encodable range (the caller drops the client as diverged)."""
+        if self.exact:
+            x = update.double() * scale
+            if not bool((x.abs() < LIMIT).all()):
+                return None
+            return torch.round(x * SCALE).to(torch.int64)
+        return update.float() * np.float32(scale)
+
+    def add_vector(self, encoded: torch.Tensor, start: int = 0) -> None:
+        self._vec[start:start + encoded.numel()].add_(encoded.to(self._vec.device))
+
+    def add_stat(self, slot: int, value: float) -> None:
+        self.stats[slot] += value
+
+    # ------------------------------------------------------------------------ exchange
+
+    def pack(self, rank: int, seconds: float) -> np.ndarray:
+        """Copy the vectors (GPU) and statistics into the host buffer; return it for MPI."""
+        if self._vec.device.type != "cpu":
+            self.host[:self.vec] = self._vec.cpu().numpy()
+        self.stats[N_STATS + rank] = seconds
+        s = self.host[self.vec:]
+        if self.exact:
+            s[:] = np.round(self.stats * self._stat_scale).astype(np.int64)
+        else:
+            s[:] = self.stats.astype(np.float32)
+        return self.host
+
+    def unpack(self) -> tuple[torch.Tensor, np.ndarray]:
+        """After the reduction: (the summed vectors as float64 on the host, statistics)."""
+        if self.exact:
+            vec = torch.from_numpy(self.host[:self.vec]).double() / SCALE
+            stats = self.host[self.vec:].astype(np.float64) / self._stat_scale
+        else:
+            vec = torch.from_numpy(self.host[:self.vec]).double()
+            stats = self.host[self.vec:].astype(np.float64)
+        return vec, stats
+
+
+def sq_norm(update: torch.Tensor) -> float:
+    """||update||^2 in float64, the same bits at any thread count (numpy pairwise summation)."""
+    u = update.detach().double().cpu().numpy()
+    return float(np.add.reduce(u * u))
+
+
+def finite(x: float) -> bool:
+    return math.isfinite(x)
