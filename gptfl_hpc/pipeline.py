@@ -1,6 +1,6 @@
 """The stages of GPT-FL, each one command, and `gptfl-hpc run` = all of them plus the baselines.
 
-1. prepare      data shards (rank 0)                          -> <data dir>/      (data.dir or <out>/data)
+1. prepare      data shards (rank 0)                          -> data.dir or <out>/data/
 2. generator    the embedded generator (rank 0)               -> <out>/generator/
 3. synthesize   labelled synthetic set (server ranks)         -> <out>/synthetic.h5
 4. pretrain     downstream model on it (server ranks, DDP)    -> <out>/pretrained.safetensors
@@ -145,14 +145,16 @@ def stage_prepare(cfg: Any, out: Path, comm: Any = None) -> Prepared:
 
 
 def generator_request(cfg: Any, data: Prepared) -> provenance.Request:
+    from gptfl_hpc.gen.embedded import generator_request as request
+
     m = data.manifest
     if m.public is None:
         raise ConfigError("config key gen.generator: 'embedded' needs a source with a public "
                           f"split (data.source=digits); {m.dataset} has none; valid: a local "
                           "diffusers directory")
-    return provenance.request("generator", cfg, inputs={"public_split": m.public.sha256},
-                              derived={"label_names": list(m.label_names),
-                                       "image_shape": list(m.input_shape)})
+    return request(cfg.gen.train, public_sha256=m.public.sha256, seed=cfg.run.seed,
+                   label_names=list(m.label_names), image_shape=list(m.input_shape),
+                   cpu_kernels=cfg.run.cpu_kernels)
 
 
 def stage_generator(cfg: Any, out: Path, comm: Any, data: Prepared,
@@ -196,7 +198,8 @@ def stage_generator(cfg: Any, out: Path, comm: Any, data: Prepared,
             with _server_threads(comm, cfg), training_kernels(cfg.run.cpu_kernels, device):
                 train_generator(cfg.gen.train, images, labels, data.manifest.num_classes,
                                 gen_dir, seed=cfg.run.seed, device=device,
-                                label_names=data.manifest.label_names)
+                                label_names=data.manifest.label_names,
+                                fingerprint=req.fingerprint, resume=resume)
         comm.barrier()
         return {"trained": "here"}
 
@@ -216,7 +219,12 @@ def stage_synthesize(cfg: Any, out: Path, comm: Any, data: Prepared, generator: 
     inputs = {"data": data.digest, "generator": generator.digest}
     if cfg.gen.expand_prompts:
         inputs["expand_prompts"] = provenance.digest(cfg.gen.expand_prompts)
-    derived = {"n_total": n_total, **synthesis_numerics(cfg.gen, cfg.run.device)}
+    spec = _open_generator(comm, generator.path, cfg.gen.kind)
+    from gptfl_hpc.gen.synthesize import synthesis_numerics
+    from gptfl_hpc.parallel.accel import want_cuda
+
+    device_type = "cuda" if want_cuda(cfg.run.device) else "cpu"
+    derived = {"n_total": n_total, **synthesis_numerics(cfg.gen, spec, device_type)}
     req = provenance.request("synthesize", cfg, inputs=inputs, derived=derived)
     path = Path(out) / "synthetic.h5"
 
@@ -229,7 +237,8 @@ def stage_synthesize(cfg: Any, out: Path, comm: Any, data: Prepared, generator: 
             with _server_threads(comm, cfg):
                 synthesize(cfg.gen, generator_dir=generator.path, label_names=m.label_names,
                            out_shape=tuple(m.input_shape), n_total=n_total, out_path=path,
-                           seed=cfg.run.seed, comm=sub, device=cfg.run.device)
+                           seed=cfg.run.seed, comm=sub, device=cfg.run.device, spec=spec,
+                           fingerprint=req.fingerprint, resume=resume)
             sub.free()
         comm.barrier()
         return {"n_total": n_total}
@@ -295,14 +304,13 @@ def stage_federate(cfg: Any, run_dir: Path, comm: Any, data: Prepared, init: str
 # ------------------------------------------------------------------------------ helpers
 
 
-def synthesis_numerics(gen_cfg: Any, device: str) -> dict[str, Any]:
-    """The resolved values that change the samples' bits: device type, dtype, call shape."""
-    from gptfl_hpc.parallel.accel import want_cuda
+def _open_generator(comm: Any, path: Path, kind: str) -> Any:
+    """The generator's spec, read and fingerprinted once on rank 0 (gen/spec.py)."""
+    from gptfl_hpc.gen.registry import open_generator
+    from gptfl_hpc.gen.spec import GeneratorSpec
+    from gptfl_hpc.parallel.comm import on_root
 
-    dev = "cuda" if want_cuda(device) else "cpu"
-    dtype = gen_cfg.dtype if gen_cfg.dtype != "auto" else ("fp16" if dev == "cuda" else "fp32")
-    micro = gen_cfg.micro_batch or (64 if dev == "cpu" else gen_cfg.batch_size)
-    return {"device_type": dev, "dtype": dtype, "micro_batch": int(micro)}
+    return GeneratorSpec.from_json(on_root(comm, lambda: open_generator(path, kind).to_json()))
 
 
 class _server_threads:

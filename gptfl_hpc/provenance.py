@@ -436,9 +436,10 @@ def status(directory: str | Path, req: Request, *, what: str,
     return "complete"
 
 
-def check_partial(where: str | Path, recorded: str | None, req: Request, *, what: str) -> None:
+def check_partial(where: str | Path, recorded: str | None, fingerprint: str, *,
+                  what: str) -> None:
     """Partial state (a checkpoint, synthesis parts) may be resumed only for the same request."""
-    if recorded is not None and recorded != req.fingerprint:
+    if recorded is not None and recorded != fingerprint:
         raise StaleOutputError(
             f"{where} holds partial {what} of another request; rerun with the settings that "
             "made it to finish it, or delete it (or use a new --out) to start this one")

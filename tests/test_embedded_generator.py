@@ -11,7 +11,7 @@ import pytest
 
 from gptfl_hpc import signals
 from gptfl_hpc.config import GenConfig, GenTrainConfig
-from gptfl_hpc.errors import DataError, ModelError, Preempted
+from gptfl_hpc.errors import DataError, ModelError, Preempted, StaleOutputError
 from gptfl_hpc.gen.embedded import PROVENANCE, checkpoint_path, train_generator
 
 TINY = GenTrainConfig(steps=20, batch_size=32, block_out_channels=[8, 16], checkpoint_every=0)
@@ -81,12 +81,12 @@ def test_same_seed_same_weights_and_reuse(trained, public, tmp_path):
     mtime = (again / PROVENANCE).stat().st_mtime_ns
     train_generator(TINY, x, y, 10, again, seed=0, label_names=[str(i) for i in range(10)])
     assert (again / PROVENANCE).stat().st_mtime_ns == mtime  # same request: reused
-    train_generator(TINY, x, y, 10, again, seed=1)  # another request: retrained, replaced
-    _same_weights(other, again)
-    assert json.loads((again / PROVENANCE).read_text())["seed"] == 1
+    with pytest.raises(StaleOutputError, match="holds another request"):
+        train_generator(TINY, x, y, 10, again, seed=1)  # never silently replaced
+    assert json.loads((again / PROVENANCE).read_text())["seed"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "other"]
     (tmp_path / "foreign").mkdir()
-    with pytest.raises(ModelError, match="no gptfl_generator.json"):
+    with pytest.raises(StaleOutputError, match="no gptfl_generator.json"):
         train_generator(TINY, x, y, 10, tmp_path / "foreign", seed=0)
 
 
@@ -100,6 +100,11 @@ def test_preempted_training_resumes_bit_identically(trained, public, tmp_path, m
     assert checkpoint_path(out).is_file() and not out.exists()
     monkeypatch.delenv("GPTFL_STOP_AFTER")
     signals.reset()
+    with pytest.raises(StaleOutputError, match="rerun with --resume"):
+        train_generator(TINY, x, y, 10, out, seed=0, label_names=[str(i) for i in range(10)],
+                        resume=False)
+    with pytest.raises(StaleOutputError, match="checkpoint of another request"):
+        train_generator(TINY, x, y, 10, out, seed=5, label_names=[str(i) for i in range(10)])
     train_generator(TINY, x, y, 10, out, seed=0, label_names=[str(i) for i in range(10)])
     _same_weights(trained, out)
     assert not checkpoint_path(out).exists()

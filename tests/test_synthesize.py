@@ -21,7 +21,7 @@ from helpers import PY, REPO, env, run_py
 from synth_driver import LABELS, gen_config, make_tiny_generator
 
 from gptfl_hpc import signals
-from gptfl_hpc.errors import ConfigError, DataError, ModelError, Preempted
+from gptfl_hpc.errors import ConfigError, DataError, ModelError, Preempted, StaleOutputError
 from gptfl_hpc.gen import registry
 from gptfl_hpc.gen import synthesize as engine
 from gptfl_hpc.gen.base import CallShape, GeneratorKind, NonFiniteOutput, Task, to_uint8
@@ -158,15 +158,25 @@ def test_skip_when_complete_and_refuse_other_request(generator, tmp_path):
     mtime = out.stat().st_mtime_ns
     _run(generator, out, n=12, batch=16)  # batch size is not part of the request: skipped
     assert out.stat().st_mtime_ns == mtime
-    with pytest.raises(DataError, match=r"different request \(differs in seed\)"):
+    with pytest.raises(StaleOutputError, match=r"s.h5 exists but was made for another request"):
         _run(generator, out, n=12, seed=1)
-    # parts of a different request are refused too
+    # parts of a different request are refused too, naming what differs
     out2 = tmp_path / "p.h5"
-    parts_dir(out2).mkdir()
-    (parts_dir(out2) / "state.json").write_text(json.dumps({"request": {"seed": 5},
-                                                            "numerics": {}, "prompts": []}))
-    with pytest.raises(DataError, match="delete .*p.h5.parts to start over"):
-        _run(generator, out2, n=12)
+    with pytest.raises(Preempted):
+        os.environ["GPTFL_STOP_AFTER"] = "1"
+        signals.reset()
+        try:
+            _run(generator, out2, n=12)
+        finally:
+            del os.environ["GPTFL_STOP_AFTER"]
+            signals.reset()
+    with pytest.raises(StaleOutputError, match=r"partial synthesis of another request \(differs "
+                                               r"in run.seed\)"):
+        _run(generator, out2, n=12, seed=3)
+    # ... and the same request's parts are continued only with resume
+    with pytest.raises(StaleOutputError, match="rerun with --resume"):
+        _run(generator, out2, n=12, resume=False)
+    _run(generator, out2, n=12, resume=True)
 
 
 def test_missing_generator_dir(tmp_path):

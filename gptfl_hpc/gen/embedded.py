@@ -16,23 +16,23 @@ subfolder="unet")``)::
     out_dir/gptfl_generator.json      provenance: trained on the public split, steps, seed, ...
 
 It is written into a hidden temp directory next to ``out_dir`` and renamed, so a half-trained
-directory never looks complete. A finished directory with the same request (train config, seed,
-sha256 of the images and labels, label names) is reused; one trained for another request is
-retrained and replaced once the new one is complete; a directory without gptfl_generator.json is
-refused.
+directory never looks complete. What identifies a generator is its request's fingerprint
+(gptfl_hpc/provenance.py: the train config, the seed, the content of the public split, the label
+names and image shape), stored in gptfl_generator.json: a finished directory with the same
+fingerprint is reused, any other existing directory is refused (never silently replaced).
 
 Determinism and resumption: the initial weights come from a seed derived from ``seed``; every
 batch index, label dropout, noise tensor and timestep comes from one CPU ``torch.Generator``.
 The training state (weights, EMA, AdamW moments, OneCycle state, generator state, step) is saved
 as one safetensors file ``.<out_dir name>.train-ckpt.safetensors`` next to ``out_dir`` every
-``gen.train.checkpoint_every`` steps and when preempted; a rerun resumes from it. On CPU with the
-same torch version and thread count the resumed run ends with bit-identical weights (tested).
+``gen.train.checkpoint_every`` steps and when preempted, with the fingerprint; a rerun with
+``resume`` continues it (a checkpoint of another request is refused). On CPU with the same torch
+version the resumed run ends with bit-identical weights (tested).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -86,17 +86,29 @@ def _check_data(images: np.ndarray, labels: np.ndarray, num_classes: int) -> Non
                         f"0..{num_classes - 1}")
 
 
-def _request(train_cfg: Any, images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int,
-             label_names: list[str] | None) -> dict:
+def generator_request(train_cfg: Any, *, public_sha256: str, seed: int,
+                      label_names: list[str] | None, image_shape: list[int],
+                      cpu_kernels: str = "invariant") -> Any:
+    """The request that identifies an embedded generator: the generator stage's request
+    (gptfl_hpc/provenance.py) for a config with these sections."""
+    from gptfl_hpc import provenance
+    from gptfl_hpc.config import Config, GenConfig, RunConfig
+
+    cfg = Config(run=RunConfig(seed=int(seed), cpu_kernels=cpu_kernels),
+                 gen=GenConfig(train=train_cfg))
+    return provenance.request(
+        "generator", cfg, inputs={"public_split": public_sha256},
+        derived={"label_names": list(label_names) if label_names else None,
+                 "image_shape": [int(v) for v in image_shape]})
+
+
+def _info(train_cfg: Any, images: np.ndarray, num_classes: int, seed: int,
+          label_names: list[str] | None) -> dict:
     import dataclasses
 
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(images).tobytes())
-    h.update(np.ascontiguousarray(labels, dtype=np.int64).tobytes())
     train = {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "checkpoint_every"}
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "train": train, "seed": int(seed),
-            "num_classes": int(num_classes), "image_shape": list(images.shape[1:]),
-            "num_train_images": len(images), "data_sha256": h.hexdigest(),
+    return {"train": train, "seed": int(seed), "num_classes": int(num_classes),
+            "image_shape": list(images.shape[1:]), "num_train_images": len(images),
             "label_names": list(label_names) if label_names is not None else None}
 
 
@@ -172,7 +184,7 @@ class _Trainer:
 
     # ---------------------------------------------------------------------------- checkpoint
 
-    def save(self, path: Path, request: dict) -> None:
+    def save(self, path: Path, fingerprint: str) -> None:
         tensors = {f"unet.{k}": v for k, v in self.unet.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
         opt = self.opt.state_dict()
@@ -181,7 +193,7 @@ class _Trainer:
                 tensors[f"opt.{i}.{k}"] = v
         tensors["rng"] = self.gen.get_state()
         meta = {"step": str(self.step), "elapsed": repr(self.elapsed),
-                "request": json.dumps(request, sort_keys=True),
+                "fingerprint": fingerprint,
                 "opt_groups": json.dumps(opt["param_groups"]),
                 "lrs": json.dumps(self.lrs.state_dict())}
         fsio.save_safetensors(tensors, path, metadata=meta)
@@ -205,7 +217,9 @@ class _Trainer:
         self.elapsed = float(meta["elapsed"])
 
 
-def _load_checkpoint(path: Path, request: dict) -> tuple[dict, dict] | None:
+def _load_checkpoint(path: Path, fingerprint: str, resume: bool) -> tuple[dict, dict] | None:
+    from gptfl_hpc.errors import StaleOutputError
+
     if not path.is_file():
         return None
     try:
@@ -213,47 +227,56 @@ def _load_checkpoint(path: Path, request: dict) -> tuple[dict, dict] | None:
     except DataError as e:
         log.warning("ignoring unreadable training checkpoint: %s", e)
         return None
-    if json.loads(meta.get("request", "null")) != request:
-        log.warning("training checkpoint %s belongs to another request (config, seed or data "
-                    "changed); starting from step 0", path)
-        return None
+    if meta.get("fingerprint") != fingerprint:
+        raise StaleOutputError(f"{path}: a generator-training checkpoint of another request; "
+                               "rerun with the settings that made it, or delete it")
+    if not resume:
+        raise StaleOutputError(f"{path}: a partial generator training of this request (step "
+                               f"{meta.get('step')}); rerun with --resume to continue it, or "
+                               "delete it")
     return tensors, meta
 
 
 def train_generator(train_cfg: Any, images: np.ndarray, labels: np.ndarray, num_classes: int,
                     out_dir: str | Path, seed: int, device: Any = "cpu", *,
-                    label_names: list[str] | None = None) -> Path:
+                    label_names: list[str] | None = None, fingerprint: str | None = None,
+                    resume: bool = True) -> Path:
     """Train the embedded generator on the public split and save it into `out_dir`.
 
     `images`: uint8 (N, H, W, C); `labels`: ints in [0, num_classes). `label_names` (optional) is
-    recorded so that synthesis can check that the task's classes are the generator's. Returns
-    `out_dir`. Raises Preempted (after saving a checkpoint) on SIGUSR1/SIGTERM/GPTFL_STOP_AFTER.
+    recorded so that synthesis can check that the task's classes are the generator's.
+    `fingerprint`: the request's (the pipeline passes its stage's); None builds it with
+    :func:`generator_request`. `resume`: continue a checkpoint of this request (else refused).
+    Returns `out_dir`. Raises Preempted (after saving a checkpoint) on
+    SIGUSR1/SIGTERM/GPTFL_STOP_AFTER.
     """
     import torch
+
+    from gptfl_hpc.data.shards import content_sha256
+    from gptfl_hpc.errors import StaleOutputError
 
     signals.install()
     out_dir = Path(out_dir)
     labels = np.asarray(labels).astype(np.int64, copy=False)
     _check_data(images, labels, num_classes)
-    request = _request(train_cfg, images, labels, num_classes, seed, label_names)
+    info = _info(train_cfg, images, num_classes, seed, label_names)
+    if fingerprint is None:
+        fingerprint = generator_request(
+            train_cfg, public_sha256=content_sha256(images, labels), seed=seed,
+            label_names=label_names, image_shape=list(images.shape[1:])).fingerprint
     if out_dir.exists():
         prov = read_provenance(out_dir)
-        if prov is None:
-            raise ModelError(f"generator directory {out_dir} exists but has no {PROVENANCE} (not "
-                             "an embedded generator); delete it or choose another directory")
-        if prov.get("request") == request:
+        if prov is not None and prov.get("fingerprint") == fingerprint:
             log.info("generator %s is already trained for this request (%d steps, seed %d); "
                      "reusing it", out_dir, train_cfg.steps, seed)
             return out_dir
-        diff = sorted(k for k in set(request) | set(prov.get("request") or {})
-                      if request.get(k) != (prov.get("request") or {}).get(k))
-        log.warning("generator %s was trained for another request (differs in %s); retraining "
-                    "it (it is replaced only when the new one is complete)", out_dir,
-                    ", ".join(diff))
+        raise StaleOutputError(f"generator directory {out_dir} exists but holds "
+                               f"{'another request' if prov else 'no ' + PROVENANCE}; delete it "
+                               "or choose another directory")
 
     tr = _Trainer(train_cfg, tuple(images.shape[1:]), num_classes, seed, device)
     ckpt = checkpoint_path(out_dir)
-    loaded = _load_checkpoint(ckpt, request)
+    loaded = _load_checkpoint(ckpt, fingerprint, resume)
     if loaded is not None:
         tr.load(*loaded)
         log.info("resuming generator training from %s at step %d/%d", ckpt, tr.step,
@@ -287,14 +310,14 @@ def train_generator(train_cfg: Any, images: np.ndarray, labels: np.ndarray, num_
         if stop or (train_cfg.checkpoint_every and tr.step % train_cfg.checkpoint_every == 0):
             tr.elapsed += now - t_start
             t_start = now
-            tr.save(ckpt, request)
+            tr.save(ckpt, fingerprint)
             if stop:
                 raise Preempted(f"generator training stopped by {signals.reason()} at step "
-                                f"{tr.step}/{train_cfg.steps}; checkpoint {ckpt}; rerun the "
-                                "same command to resume")
+                                f"{tr.step}/{train_cfg.steps}; checkpoint {ckpt}; rerun with "
+                                "--resume to continue")
     tr.elapsed += time.perf_counter() - t_start
 
-    _finalise(tr, out_dir, request, {
+    _finalise(tr, out_dir, {**info, "fingerprint": fingerprint}, {
         "trained_on": "public split", "steps": train_cfg.steps, "seed": int(seed),
         "wall_s": round(tr.elapsed, 2), "params": int(n_params), "final_loss": last_loss,
         "resumed_from_step": start_step or None, "device": str(tr.device),
@@ -312,7 +335,7 @@ def _umask() -> int:
     return mask
 
 
-def _finalise(tr: _Trainer, out_dir: Path, request: dict, info: dict) -> None:
+def _finalise(tr: _Trainer, out_dir: Path, ident: dict, info: dict) -> None:
     import diffusers
     import torch
 
@@ -322,24 +345,16 @@ def _finalise(tr: _Trainer, out_dir: Path, request: dict, info: dict) -> None:
     try:
         tr.ema.module.save_pretrained(str(tmp / "unet"))
         tr.noise_sched.save_pretrained(str(tmp / "scheduler"))
-        prov = {"format": FORMAT, "format_version": FORMAT_VERSION, **info,
-                "num_train_images": request["num_train_images"],
-                "image_shape": request["image_shape"], "num_classes": request["num_classes"],
-                "label_names": request["label_names"], "train": request["train"],
+        prov = {"format": FORMAT, "format_version": FORMAT_VERSION, **info, **ident,
                 "torch": str(torch.__version__), "diffusers": str(diffusers.__version__),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "request": request}
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         fsio.write_json(tmp / PROVENANCE, prov)
         mode = 0o666 & ~_umask()  # mkstemp / save_pretrained leave some files 0600
         for p in tmp.rglob("*"):
             if p.is_file():
                 os.chmod(p, mode)
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        if out_dir.exists():  # a generator for another request: swap it out
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
+        os.replace(tmp, out_dir)  # out_dir does not exist (checked at the start)
         fsio._fsync_dir(out_dir.parent)
-        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

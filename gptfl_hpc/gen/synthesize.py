@@ -31,10 +31,11 @@ holds NaN/Inf (``base.to_uint8`` detects it; typically fp16 overflow) is regener
 generator loaded in fp32; if fp32 also gives non-finite values the run fails with one line. The
 number of regenerated blocks is logged and stored as ``nonfinite_blocks_regenerated``.
 
-**Resumable.** ``<out>.parts/state.json`` pins the request, the numerics and the prompt table; a
-rerun with the same request skips finished blocks (any process count, any batch size) and refuses
-a different one. Rank 0 merges the parts in index order into ``<out>`` (temp + rename) and
-deletes the parts.
+**Resumable.** ``<out>.parts/state.json`` pins the request's fingerprint (gptfl_hpc/provenance.py)
+and the prompt table; a rerun with the same request and ``resume`` skips finished blocks (any
+process count, any batch size); parts of another request are refused. Rank 0 merges the parts in
+index order into ``<out>`` (temp + rename, the fingerprint in its attributes) and deletes the
+parts.
 
 See ``FORMAT`` below for the file layout.
 """
@@ -56,7 +57,14 @@ from typing import Any
 import numpy as np
 
 from gptfl_hpc import fsio, signals
-from gptfl_hpc.errors import CommError, ConfigError, DataError, GptflError, ModelError, Preempted
+from gptfl_hpc.errors import (
+    CommError,
+    ConfigError,
+    DataError,
+    ModelError,
+    Preempted,
+    StaleOutputError,
+)
 from gptfl_hpc.gen.base import (
     CallShape,
     GeneratorKind,
@@ -68,9 +76,10 @@ from gptfl_hpc.gen.base import (
 from gptfl_hpc.gen.prompts import Plan, build_plan
 from gptfl_hpc.gen.registry import kind_of, open_generator
 from gptfl_hpc.gen.spec import GeneratorSpec, missing_generator_message
+from gptfl_hpc.parallel.comm import on_root
 
-__all__ = ["FORMAT", "missing_generator_message", "parts_dir", "read_request",
-           "synthesis_numerics", "synthesize"]
+__all__ = ["FORMAT", "missing_generator_message", "parts_dir", "read_fingerprint",
+           "synthesis_numerics", "synthesis_request", "synthesize"]
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +107,8 @@ Synthetic set (HDF5, one file, format_version 1)
 
 attrs: format_version, generator (path), generator_fingerprint (content digest of every file),
 kind (gen.kind family), generator_kind (registry kind), steps, scheduler, seed, n_total,
-num_classes, label_names (JSON), out_shape (JSON: the sample shape), config (JSON of gen), request
-(JSON: what identifies the set; a rerun with the same request skips), micro_batch (the call
+num_classes, label_names (JSON), out_shape (JSON: the sample shape), config (JSON of gen),
+fingerprint (the request's, gptfl_hpc/provenance.py), micro_batch (the call
 shape), call_rows (the smallest call shape used: < micro_batch after GPU out-of-memory), dtype,
 nonfinite_blocks_regenerated (blocks regenerated in fp32 because of NaN/Inf), device_type,
 num_processes, wall_s, created, torch, diffusers.
@@ -136,43 +145,29 @@ def synthesis_numerics(gen_cfg: Any, spec: GeneratorSpec, device_type: str) -> d
             "micro_batch": int(micro)}
 
 
-def _request(gen_cfg: Any, *, kind: str, fp: str, task: Task, n_total: int, seed: int) -> dict:
-    keys = ("prompt_mode", "templates", "domains", "guidance", "expand_prompts", "steps",
-            "scheduler")
-    req = {"format_version": FORMAT_VERSION, "generator_fingerprint": fp, "kind": kind,
-           "n_total": int(n_total), "seed": int(seed), "label_names": list(task.label_names),
-           "out_shape": [int(v) for v in task.sample_shape],
-           "gen": {k: getattr(gen_cfg, k) for k in keys}}
-    if not task.is_image:
-        req["sample"] = {"dataset": task.dataset, "dtype": task.dtype}
-    return req
+SYNTH_KEYS = ("prompt_mode", "templates", "domains", "guidance", "expand_prompts", "steps",
+              "scheduler", "compile", "channels_last")
 
 
-def _canon(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True)
+def synthesis_request(gen_cfg: Any, *, spec: GeneratorSpec, task: Task, n_total: int,
+                      seed: int, numerics: dict) -> Any:
+    """The request of a direct `synthesize()` call (the pipeline passes its own fingerprint,
+    gptfl_hpc/provenance.py: the same mechanism, keyed by the config fields it reads)."""
+    from gptfl_hpc import provenance
+
+    config = {f"gen.{k}": getattr(gen_cfg, k) for k in SYNTH_KEYS}
+    config["run.seed"] = int(seed)
+    derived = {"n_total": int(n_total), "label_names": list(task.label_names),
+               "sample": [task.dataset, task.dtype, [int(v) for v in task.sample_shape]],
+               "kind": spec.family, **numerics}
+    return provenance.Request("synthesize", config, {"generator": spec.fingerprint}, derived)
 
 
-def read_request(path: str | Path) -> dict:
-    """The request stored in a finished synthetic set (DataError if it is not one)."""
-    import h5py
+def read_fingerprint(path: str | Path) -> str | None:
+    """The request fingerprint stored in a finished synthetic set (None if it has none)."""
+    from gptfl_hpc.provenance import embedded_fingerprint
 
-    try:
-        with h5py.File(path, "r") as f:
-            return json.loads(f.attrs["request"])
-    except (OSError, KeyError, ValueError, TypeError) as e:
-        raise DataError(f"{path}: exists but is not a finished synthetic set ({e}); delete it or "
-                        "choose another output path") from None
-
-
-def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff_keys(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(prefix + k)
-    return out
+    return embedded_fingerprint(path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,17 +266,17 @@ class _PartWriter:
 # skip / resume / start, and the merge
 
 
-def _prepare(gen_cfg: Any, *, out_path: Path, request: dict, numerics: dict,
+def _prepare(gen_cfg: Any, *, out_path: Path, request: Any, fingerprint: str, resume: bool,
              label_names: list[str], n_total: int, seed: int, n_blocks: int) -> dict:
     """Rank 0: decide skip / resume / start; returns what all ranks need to know."""
+    from gptfl_hpc.provenance import check_partial
+
     if out_path.exists():
-        old = read_request(out_path)
-        if _canon(old) == _canon(request):
+        if read_fingerprint(out_path) == fingerprint:
             shutil.rmtree(parts_dir(out_path), ignore_errors=True)
             return {"action": "skip"}
-        raise DataError(f"{out_path} exists but was made for a different request (differs in "
-                        f"{', '.join(_diff_keys(old, request)) or 'format'}); delete it or choose "
-                        "another output path")
+        raise StaleOutputError(f"{out_path} exists but was made for another request (or is not "
+                               "a synthetic set); delete it or choose another output path")
     pdir = parts_dir(out_path)
     state_path = pdir / "state.json"
     for p in out_path.parent.glob(f".tmp-{out_path.name}.*"):  # a merge killed mid-file
@@ -289,24 +284,28 @@ def _prepare(gen_cfg: Any, *, out_path: Path, request: dict, numerics: dict,
     if state_path.is_file():
         try:
             state = json.loads(state_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            prompts = list(state["prompts"])
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
             raise DataError(f"{state_path}: unreadable ({e}); delete {pdir} to start over"
                             ) from None
-        if _canon(state.get("request")) != _canon(request) or \
-                _canon(state.get("numerics")) != _canon(numerics):
-            diff = _diff_keys(state.get("request") or {}, request) + \
-                _diff_keys(state.get("numerics") or {}, numerics, "numerics.")
-            raise DataError(f"{pdir} holds a partial synthesis for a different request or "
-                            f"numerics (differs in {', '.join(diff)}); rerun with the same "
-                            f"settings to resume, or delete {pdir} to start over")
-        prompts = state["prompts"]
+        recorded = state.get("fingerprint")
+        if recorded != fingerprint and isinstance(state.get("request"), dict):
+            keys = request.diff(state["request"]) if request is not None else []
+            raise StaleOutputError(f"{pdir} holds a partial synthesis of another request "
+                                   f"(differs in {', '.join(keys[:6])}); rerun with the settings "
+                                   f"that made it to finish it, or delete {pdir} to start this one")
+        check_partial(pdir, recorded, fingerprint, what="synthesis")
+        if not resume:
+            raise StaleOutputError(f"{pdir} holds a partial synthesis of this request; rerun with "
+                                   "--resume to continue it, or delete it to start over")
         for p in pdir.glob(".tmp-*"):  # a writer killed mid-file
             p.unlink(missing_ok=True)
     else:
         prompts = build_plan(gen_cfg, label_names, n_total, seed).prompts  # expands if set
         pdir.mkdir(parents=True, exist_ok=True)
-        fsio.write_json(state_path, {"request": request, "numerics": numerics,
-                                     "prompts": prompts, "created": time.time()})
+        fsio.write_json(state_path, {
+            "fingerprint": fingerprint, "prompts": prompts, "created": time.time(),
+            "request": request.to_dict() if request is not None else None})
     done = _done_blocks(list_parts(pdir), n_blocks)
     return {"action": "run", "prompts": prompts, "done": np.flatnonzero(done).tolist()}
 
@@ -365,22 +364,6 @@ def _merge(out_path: Path, plan: Plan, *, micro: int, task: Task, attrs: dict) -
 
 # --------------------------------------------------------------------------------------------
 # agreement between processes
-
-
-def _root_decides(comm: Any, fn: Any) -> Any:
-    """Run fn() on rank 0, broadcast its result or its one-line error to every rank."""
-    res: Any = None
-    if comm.rank == 0:
-        try:
-            res = {"ok": fn()}
-        except GptflError as e:
-            res = {"err": type(e).__name__, "msg": str(e)}
-    res = comm.bcast_json(res)
-    if "err" in res:
-        import gptfl_hpc.errors as errors
-
-        raise getattr(errors, res["err"], GptflError)(res["msg"])
-    return res["ok"]
 
 
 def _agree(comm: Any, n_samples: int, err: BaseException | None) -> tuple[int, bool, bool]:
@@ -484,7 +467,8 @@ class _BlockRunner:
 def synthesize(gen_cfg: Any, *, generator_dir: str | Path | None, label_names: list[str],
                out_shape: tuple[int, int, int] | None = None, n_total: int,
                out_path: str | Path, seed: int, comm: Any, device: str = "auto",
-               spec: GeneratorSpec | None = None, task: Task | None = None) -> Path:
+               spec: GeneratorSpec | None = None, task: Task | None = None,
+               fingerprint: str | None = None, resume: bool = True) -> Path:
     """Generate `n_total` labelled samples with the generator in `generator_dir` into `out_path`.
 
     Every process of `comm` must call it; the work is split across them (one GPU per process on
@@ -492,6 +476,9 @@ def synthesize(gen_cfg: Any, *, generator_dir: str | Path | None, label_names: l
     from `<out_path>.parts/` after a kill; raises Preempted after a block when asked to stop.
     `spec` (optional): the generator already opened (``registry.open_generator``); `task`
     (optional): what to generate, default uint8 images of `out_shape` for `label_names`.
+    `fingerprint`: the request's fingerprint (gptfl_hpc/provenance.py; the pipeline passes the
+    stage's); None computes one from what this call is given. `resume`: continue parts of the
+    same request (else they are refused with a message).
     """
     from gptfl_hpc.parallel.accel import accelerator, want_cuda
 
@@ -510,7 +497,7 @@ def synthesize(gen_cfg: Any, *, generator_dir: str | Path | None, label_names: l
     generator = spec if spec is not None else generator_dir
     if generator is None:
         raise ModelError("synthesis: no generator given; valid: generator_dir or spec")
-    spec = GeneratorSpec.from_json(_root_decides(comm, lambda: check_inputs(
+    spec = GeneratorSpec.from_json(on_root(comm, lambda: check_inputs(
         gen_cfg, generator=generator, task=task, n_total=n_total, seed=seed).to_json()))
     kind = kind_of(spec)
     device_type = "cuda" if want_cuda(device) else "cpu"
@@ -518,16 +505,16 @@ def synthesize(gen_cfg: Any, *, generator_dir: str | Path | None, label_names: l
     dtype, micro = resolved["dtype"], resolved["micro_batch"]
     per_part = max(1, -(-gen_cfg.batch_size // micro))
     n_blocks = -(-n_total // micro)
-    request = _request(gen_cfg, kind=spec.family, fp=spec.fingerprint, task=task,
-                       n_total=n_total, seed=seed)
+    request = None
+    if fingerprint is None:
+        request = synthesis_request(gen_cfg, spec=spec, task=task, n_total=n_total, seed=seed,
+                                    numerics=resolved)
+        fingerprint = request.fingerprint
     import torch
 
-    numerics = {"micro_batch": micro, "dtype": dtype, "device_type": device_type,
-                "channels_last": gen_cfg.channels_last, "compile": gen_cfg.compile,
-                "torch": torch.__version__.split("+")[0]}
-    decision = _root_decides(comm, lambda: _prepare(
-        gen_cfg, out_path=out_path, request=request, numerics=numerics, label_names=label_names,
-        n_total=n_total, seed=seed, n_blocks=n_blocks))
+    decision = on_root(comm, lambda: _prepare(
+        gen_cfg, out_path=out_path, request=request, fingerprint=fingerprint, resume=resume,
+        label_names=label_names, n_total=n_total, seed=seed, n_blocks=n_blocks))
     if decision["action"] == "skip":
         log.info("synthetic set %s is already complete for this request; skipping", out_path)
         return out_path
@@ -573,14 +560,14 @@ def synthesize(gen_cfg: Any, *, generator_dir: str | Path | None, label_names: l
                  "num_classes": len(label_names), "label_names": json.dumps(label_names),
                  "out_shape": json.dumps(list(task.sample_shape)),
                  "config": json.dumps(dataclasses.asdict(gen_cfg)),
-                 "request": _canon(request), "micro_batch": micro, "dtype": dtype,
+                 "fingerprint": fingerprint, "micro_batch": micro, "dtype": dtype,
                  "device_type": device_type, "num_processes": comm.size,
                  "wall_s": round(wall, 2),
                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "torch": str(torch.__version__), "diffusers": str(diffusers.__version__)}
         return _merge(out_path, plan, micro=micro, task=task, attrs=attrs)
 
-    totals = _root_decides(comm, finish)
+    totals = on_root(comm, finish)
     if comm.rank == 0:
         log.info("synthetic set written: %s (%d samples, %.0f s; %d block(s) regenerated in fp32 "
                  "for non-finite outputs; smallest call %d rows)", out_path, n_total, wall,

@@ -9,12 +9,21 @@ signal handlers, and keeps MPI out of submitit's own process.
 
 With ``cluster="local"``/``"debug"`` the job is one process that runs ``mpiexec -n RANKS``.
 
-Preemption: submitit sends SIGUSR2 ``signal_seconds`` before the time limit to every process of
-the step, the app stops at its next round boundary, checkpoints, and exits 124. Rank 0's
-``checkpoint()`` waits for that, then hands submitit a copy of the callable with
-``resume=True``, which submitit requeues. Because an MPI app that exits non-zero aborts the
-whole step (killing the submitit processes too), the job script also requeues itself when the
-step ended with 124; either way the requeued job passes ``--resume``.
+Preemption and cancellation on Slurm:
+
+* submitit's signal (USR2, ``signal_seconds`` before the time limit, or at a preemption when
+  Slurm sends user signals) reaches every process of the step. The app stops at its next round
+  boundary, saves, and exits 124. Rank 0's submitit handler calls ``GptflTask.checkpoint()``,
+  which waits for that and hands submitit a copy of the callable with ``resume=True`` to
+  requeue. ``python -m mpi4py`` turns the app's exit 124 into MPI_Abort(124), which can end the
+  whole step (the submitit tasks included) first; the job script then requeues the job itself
+  when the step ended with 124. Either way the requeued job passes ``--resume``.
+* SIGTERM (``scancel``, a preemption without the user signal) also makes the app save and exit
+  124, but then the job's fate is Slurm's: it cancels the job, or requeues it itself. Neither the
+  tasks nor the job script requeue after a SIGTERM: a cancelled job stays cancelled.
+
+A task whose app exited 124 and that is still alive waits, with a deadline, until
+``scontrol show job`` shows the attempt over, and leaves without a result.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -90,23 +100,32 @@ class GptflTask(submitit.helpers.Checkpointable):
     ranks=None: direct launch, this Slurm task is one rank of the step's MPI world.
     ranks=N: this single process runs ``mpiexec -n N`` (local/debug clusters).
     Returns the parsed result file (summary.json / report.json) on rank 0, None elsewhere.
+
+    stop_timeout: how long :meth:`checkpoint` waits for the ranks to stop at a boundary.
+    exit_timeout: how long a task whose app stopped for preemption (exit 124) waits for Slurm to
+    end this attempt (a requeue or a cancel) before it reports the job failed.
     """
 
     def __init__(self, argv: list[str], out: str, ranks: int | None = None,
-                 resume: bool = False, stop_timeout: float = 60.0) -> None:
+                 resume: bool = False, stop_timeout: float = 60.0,
+                 exit_timeout: float = 120.0) -> None:
         self.argv = list(argv)
         self.out = str(out)
         self.ranks = ranks
         self.resume = resume
         self.stop_timeout = stop_timeout
+        self.exit_timeout = exit_timeout
         self._proc: subprocess.Popen | None = None
+        self._exited = threading.Event()
 
-    def __getstate__(self) -> dict:  # never pickle the running child
-        return {k: v for k, v in self.__dict__.items() if k != "_proc"}
+    def __getstate__(self) -> dict:  # never pickle the running child or its reaper's event
+        return {k: v for k, v in self.__dict__.items() if k not in ("_proc", "_exited")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("exit_timeout", 120.0)  # pickled before the field existed
         self._proc = None
+        self._exited = threading.Event()
 
     @property
     def command(self) -> str:
@@ -122,23 +141,32 @@ class GptflTask(submitit.helpers.Checkpointable):
 
     def __call__(self) -> dict | None:
         cmd = self.cmdline()
+        on_slurm = self.ranks is None and "SLURM_JOB_ID" in os.environ
         env = dict(os.environ) if self.ranks is None else local_env()
         env["PYTHONUNBUFFERED"] = "1"
         rank = int(os.environ.get("SLURM_PROCID", "0")) if self.ranks is None else 0
         if rank == 0:
             log.info("running: %s", shlex.join(cmd))
-        self._proc = subprocess.Popen(cmd, env=env)
-        # poll rather than wait(): submitit's signal handler (checkpoint) runs in this thread
-        # and must be able to poll the same child
-        while (rc := self._proc.poll()) is None:
-            time.sleep(0.2)
+        proc = self._proc = subprocess.Popen(cmd, env=env)
+        self._exited.clear()
+        # One thread reaps the child and this (main) thread only waits for that: submitit's
+        # signal handler runs checkpoint() in this thread, between two waits, so it must never
+        # find the child half-reaped by an interrupted poll().
+        threading.Thread(target=self._reap, args=(proc,), name="gptfl-reap", daemon=True).start()
+        while not self._exited.wait(1.0):
+            pass
+        rc = proc.returncode
         self._proc = None
         if rc == 0:
             return self._result() if rank == 0 else None
-        if rc == Preempted.exit_code and self.ranks is None and "SLURM_JOB_ID" in os.environ:
-            self._preempted(rank)
+        if rc == Preempted.exit_code and on_slurm:
+            self._await_end_of_attempt(rank)
         raise JobFailed(f"gptfl-hpc {self.command} exited with code {rc} on rank {rank}; "
                         "see the job's stderr log")
+
+    def _reap(self, proc: subprocess.Popen) -> None:
+        proc.wait()
+        self._exited.set()
 
     def _result(self) -> dict | None:
         name = RESULT_FILES.get(self.command)
@@ -149,37 +177,83 @@ class GptflTask(submitit.helpers.Checkpointable):
             raise JobFailed(f"gptfl-hpc {self.command} exited 0 but wrote no {path}")
         return json.loads(path.read_text())
 
-    def _preempted(self, rank: int) -> None:
-        """The app stopped at a boundary (exit 124) on its own, e.g. on SIGTERM."""
+    def _await_end_of_attempt(self, rank: int) -> None:
+        """The app stopped at a boundary and saved (exit 124): wait until Slurm ends this attempt.
+
+        What ends it is not this task's decision. After submitit's preemption signal, rank 0's
+        submitit handler (it runs in this thread, so it may still come during the waits below)
+        or the job script (when the step ended with 124) requeues the job; after SIGTERM alone
+        (scancel, a Slurm preemption) Slurm cancels or requeues it. Once ``scontrol show job``
+        shows this attempt over, the task leaves with SystemExit: submitit stores no outcome for
+        it, so a requeued job's tasks find nothing stale. Raises JobFailed if nothing ended the
+        attempt within ``exit_timeout`` seconds.
+        """
+        job_id = os.environ["SLURM_JOB_ID"]
+        attempt = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         if rank == 0:
-            # hand over to submitit's handler: checkpoint() -> requeue -> exit
-            log.warning("gptfl-hpc stopped for preemption (exit 124): requeueing via submitit")
-            os.kill(os.getpid(), submitit.JobEnvironment._usr_sig())
-            time.sleep(30)  # the handler exits this process
-        else:
-            time.sleep(300)  # rank 0 requeues the job, which ends this task
-        raise JobFailed("gptfl-hpc stopped for preemption (exit 124) but the job was not "
-                        "requeued")
+            log.warning("gptfl-hpc stopped at a boundary (exit 124): waiting up to %.0fs for "
+                        "Slurm to requeue or end job %s", self.exit_timeout, job_id)
+        deadline = time.monotonic() + self.exit_timeout
+        state = "unknown"
+        while time.monotonic() < deadline:
+            state, restarts = slurm_job_state(job_id)
+            if state not in _ATTEMPT_RUNNING or restarts > attempt:
+                log.warning("job %s is %s after %d restart(s): this attempt is over; exiting",
+                            job_id, state, restarts)
+                raise SystemExit(Preempted.exit_code)
+            time.sleep(1.0)
+        raise JobFailed(f"gptfl-hpc {self.command} stopped at a boundary (exit 124) on rank "
+                        f"{rank}, but job {job_id} was still {state} {self.exit_timeout:.0f}s "
+                        f"later: nothing requeued or cancelled it; its progress is saved in "
+                        f"{self.out}: resubmit with --resume")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """submitit calls this on rank 0 at its preemption/timeout signal."""
+        """submitit calls this on rank 0 at its preemption/timeout signal (in its handler)."""
         proc = self._proc
-        if proc is not None and proc.poll() is None:
+        if proc is not None and not self._exited.is_set():
             log.warning("preemption signal: waiting up to %.0fs for the ranks to stop at a "
                         "round boundary", self.stop_timeout)
             proc.send_signal(signal.SIGUSR1)  # idempotent if Slurm already signalled it
-            deadline = time.monotonic() + self.stop_timeout
-            while proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
+            if not self._exited.wait(self.stop_timeout):
+                log.warning("the ranks did not stop within %.0fs; requeueing anyway (the "
+                            "requeued job resumes from the newest complete checkpoint)",
+                            self.stop_timeout)
         resumed = GptflTask(self.argv, self.out, self.ranks, resume=True,
-                            stop_timeout=self.stop_timeout)
+                            stop_timeout=self.stop_timeout, exit_timeout=self.exit_timeout)
         return submitit.helpers.DelayedSubmission(resumed)
 
 
-def _requeue_trap(max_restarts: int) -> str:
-    """Job-script line: if the step ended with 124 (an aborted, preempted MPI app), requeue."""
-    return ("trap 'rc=$?; if [ $rc -eq 124 ] && [ \"${SLURM_RESTART_COUNT:-0}\" -lt "
-            f"{max_restarts} ]; then scontrol requeue \"$SLURM_JOB_ID\"; fi' EXIT")
+# job states (scontrol show job) in which the current attempt still runs; any other state
+# (COMPLETING, CANCELLED, REQUEUED, PENDING, PREEMPTED, ...) means it is over
+_ATTEMPT_RUNNING = ("RUNNING", "SUSPENDED", "unknown")
+
+
+def slurm_job_state(job_id: str) -> tuple[str, int]:
+    """(JobState, Restarts) of a Slurm job from ``scontrol show job``, or ("unknown", 0) when
+    that fails (the controller briefly busy)."""
+    try:
+        p = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True,
+                           text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", 0
+    info = dict(re.findall(r"(\w+)=(\S*)", p.stdout))
+    restarts = info.get("Restarts", "")
+    return info.get("JobState") or "unknown", int(restarts) if restarts.isdigit() else 0
+
+
+def _requeue_trap(max_restarts: int) -> list[str]:
+    """Job-script lines: requeue the job when its step ended with 124, unless it was cancelled.
+
+    The app exits 124 once it has saved at a boundary, and ``python -m mpi4py`` turns that exit
+    into MPI_Abort(124), which ends the whole step, the submitit tasks included, often before
+    rank 0's checkpoint() has requeued: so the job script requeues (srun returns 124). Not when
+    the batch shell got SIGTERM itself: that is ``scancel`` (the job must stay cancelled) or a
+    Slurm preemption (Slurm requeues or cancels the job itself).
+    """
+    return ["trap 'gptfl_term=1' TERM",
+            "trap 'rc=$?; if [ $rc -eq 124 ] && [ -z \"${gptfl_term:-}\" ] && "
+            f"[ \"${{SLURM_RESTART_COUNT:-0}}\" -lt {max_restarts} ]; then "
+            "scontrol requeue \"$SLURM_JOB_ID\"; fi' EXIT"]
 
 
 def submit(config: Any, out: str | os.PathLike, command: str = "run", cluster: str = "slurm",
@@ -238,7 +312,7 @@ def submit_task(argv: list[str], out: Path, slurm, cluster: str, *,
                       cpus_per_task=slurm.cpus_per_task,
                       slurm_srun_args=srun, slurm_signal_delay_s=slurm.signal_seconds,
                       slurm_setup=[*slurm.setup,
-                                   *([_requeue_trap(slurm.max_restarts)] if slurm.requeue
+                                   *(_requeue_trap(slurm.max_restarts) if slurm.requeue
                                      else [])])
         extra: dict[str, Any] = {"requeue": True} if slurm.requeue else {}
         for opt in slurm.extra:
