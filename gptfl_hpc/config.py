@@ -53,6 +53,11 @@ class RunConfig:
     workers train (and the server evaluates) on their node-local GPU."""
     methods: list[str] = field(default_factory=lambda: ["gptfl", "fedavg", "synthetic_only"])
     """Methods that ``gptfl-hpc run`` compares (subset of gptfl, fedavg, synthetic_only)."""
+    store: str | None = None
+    """A shared stage store: the server stages (prepare, generator, synthesize, pretrain) write
+    into STORE/<stage>-<fingerprint>/ instead of --out, so runs whose requests match reuse them
+    (the cells of a grid that share a synthetic set or a pretrained model) and runs that differ
+    never do. null: everything inside --out (data.dir still wins for prepare)."""
     rendezvous: str | None = None
     """Multi-host server phase only: the address or network interface (e.g. ib0) rank 0 listens
     on for the server processes' torch.distributed rendezvous; null: the interface of the

@@ -53,8 +53,22 @@ class Prepared:
     digest: str
 
 
-def data_dir_of(cfg: Any, out: Path) -> Path:
-    return Path(cfg.data.dir) if cfg.data.dir else Path(out) / "data"
+def data_dir_of(cfg: Any, out: Path, req: provenance.Request | None = None) -> Path:
+    if cfg.data.dir:
+        return Path(cfg.data.dir)
+    if cfg.run.store and req is not None:
+        return stored(cfg, req)
+    return Path(out) / "data"
+
+
+def stored(cfg: Any, req: provenance.Request) -> Path:
+    """A stage's directory in the shared store (run.store)."""
+    return Path(cfg.run.store) / f"{req.stage}-{req.fingerprint[:16]}"
+
+
+def _store_lock(cfg: Any) -> dict[str, Any]:
+    """Store directories are shared: wait for a concurrent writer instead of failing."""
+    return {"lock_what": "run.store", "lock_wait": 3 * 3600.0} if cfg.run.store else {}
 
 
 def lock(directory: Path, what: str = "--out", wait: float = 0.0) -> None:
@@ -127,9 +141,9 @@ def stage_prepare(cfg: Any, out: Path, comm: Any = None) -> Prepared:
     from gptfl_hpc.parallel.comm import get_comm
 
     comm = comm or get_comm()
-    d = data_dir_of(cfg, out)
     inputs = {"source": provenance.source_identity(cfg.data.root)} if cfg.data.root else {}
     req = provenance.request("prepare", cfg, inputs=inputs)
+    d = data_dir_of(cfg, out, req)
 
     def work() -> dict:
         if comm.rank == 0:
@@ -137,10 +151,10 @@ def stage_prepare(cfg: Any, out: Path, comm: Any = None) -> Prepared:
         comm.barrier()
         return {}
 
-    shared = bool(cfg.data.dir)
+    lock = ({"lock_what": "data.dir", "lock_wait": 3600.0} if cfg.data.dir
+            else _store_lock(cfg))
     o = _stage("prepare", comm, d, req, what="prepared data", outputs={"manifest":
-               "manifest.json"}, work=work, lock_what="data.dir" if shared else "--out",
-               lock_wait=3600.0 if shared else 0.0)
+               "manifest.json"}, work=work, **lock)
     return Prepared(Manifest.load(d), d, o.digest)
 
 
@@ -170,7 +184,7 @@ def stage_generator(cfg: Any, out: Path, comm: Any, data: Prepared,
             raise ModelError(missing_generator_message(path))
         return Output(path, provenance.digest(path), {})
     req = generator_request(cfg, data)
-    gen_dir = Path(out) / "generator"
+    gen_dir = stored(cfg, req) / "generator" if cfg.run.store else Path(out) / "generator"
 
     def work() -> dict:
         from gptfl_hpc.parallel.accel import server_count
@@ -204,7 +218,8 @@ def stage_generator(cfg: Any, out: Path, comm: Any, data: Prepared,
         return {"trained": "here"}
 
     o = _stage("generator", comm, gen_dir, req, what="the embedded generator",
-               outputs=GENERATOR_OUTPUTS, work=work, lock_dir=Path(out))
+               outputs=GENERATOR_OUTPUTS, work=work, lock_dir=gen_dir.parent,
+               **_store_lock(cfg))
     return Output(gen_dir, provenance.digest(gen_dir), o.info)
 
 
@@ -226,7 +241,8 @@ def stage_synthesize(cfg: Any, out: Path, comm: Any, data: Prepared, generator: 
     device_type = "cuda" if want_cuda(cfg.run.device) else "cpu"
     derived = {"n_total": n_total, **synthesis_numerics(cfg.gen, spec, device_type)}
     req = provenance.request("synthesize", cfg, inputs=inputs, derived=derived)
-    path = Path(out) / "synthetic.h5"
+    where = stored(cfg, req) if cfg.run.store else Path(out)
+    path = where / "synthetic.h5"
 
     def work() -> dict:
         from gptfl_hpc.gen.synthesize import synthesize
@@ -243,8 +259,8 @@ def stage_synthesize(cfg: Any, out: Path, comm: Any, data: Prepared, generator: 
         comm.barrier()
         return {"n_total": n_total}
 
-    return _stage("synthesize", comm, Path(out), req, what="a synthetic set",
-                  outputs={"synthetic": path.name}, work=work)
+    return _stage("synthesize", comm, where, req, what="a synthetic set",
+                  outputs={"synthetic": path.name}, work=work, **_store_lock(cfg))
 
 
 def stage_pretrain(cfg: Any, out: Path, comm: Any, data: Prepared, synthetic: Output,
@@ -256,6 +272,7 @@ def stage_pretrain(cfg: Any, out: Path, comm: Any, data: Prepared, synthetic: Ou
     if getattr(cfg.pretrain, "init", None):
         inputs["init"] = provenance.digest(cfg.pretrain.init)
     req = provenance.request("pretrain", cfg, inputs=inputs)
+    where = stored(cfg, req) if cfg.run.store else Path(out)
 
     def work() -> dict:
         sub = server_comm(comm, cfg.run)
@@ -264,16 +281,16 @@ def stage_pretrain(cfg: Any, out: Path, comm: Any, data: Prepared, synthetic: Ou
             with _server_threads(comm, cfg):
                 info = pretrain(cfg.pretrain, model_cfg=cfg.model, run_cfg=cfg.run,
                                 synthetic_path=synthetic.path, manifest=data.manifest,
-                                data_dir=data.dir, out_dir=out, augment=cfg.fl.augment,
+                                data_dir=data.dir, out_dir=where, augment=cfg.fl.augment,
                                 fingerprint=req.fingerprint, resume=resume, comm=sub)
             sub.free()
         comm.barrier()
         return {"test_accuracy": info["test_accuracy"]} if info else {}
 
-    o = _stage("pretrain", comm, Path(out), req, what="a pretrained model",
+    o = _stage("pretrain", comm, where, req, what="a pretrained model",
                outputs={"info": "pretrained.json", "weights": "pretrained.safetensors"},
-               work=work)
-    weights = Path(out) / "pretrained.safetensors"
+               work=work, **_store_lock(cfg))
+    weights = where / "pretrained.safetensors"
     return Output(weights, provenance.digest(weights), o.info)
 
 
@@ -382,6 +399,7 @@ def run_pipeline(cfg: Any, out: str | Path, resume: bool = False, comm: Any = No
     times = {k: {"seconds": v.info.get("seconds", 0.0)} for k, v in stages.items()
              if isinstance(v, Output)}
     report = write_report(cfg, out, data.manifest, data.dir, results,
-                          read_json(out / "pretrained.json") if pre is not None else None, times)
+                          read_json(pre.path.parent / "pretrained.json") if pre else None, times,
+                          synthetic=stages["synthesize"].path if pre else None)
     log.info("run finished in %.1fs; report in %s", time.perf_counter() - t0, out / "report.md")
     return report

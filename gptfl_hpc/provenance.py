@@ -82,6 +82,7 @@ NO_EFFECT: dict[str, str] = {
                   "numbers enter the synthesis request as derived values",
     "run.methods": "which stages `run` executes; each stage is identified by its own request",
     "run.rendezvous": "where the server processes meet; not what they compute",
+    "run.store": "where stage outputs live; each is identified by its own fingerprint",
     "run.server_processes": "pretraining uses the same global batch and augmentation draws at "
                             "any process count (DDP changes the float summation order only); "
                             "synthesis is byte-identical for any process count",

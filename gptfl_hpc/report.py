@@ -55,11 +55,11 @@ def accuracy_plot(curves: dict, synthetic_only: float | None, path: Path) -> Non
     plt.close(fig)
 
 
-def synthetic_quality(out: Path, manifest, data_dir: Path) -> dict:
+def synthetic_quality(out: Path, synthetic: Path, manifest, data_dir: Path) -> dict:
     from gptfl_hpc.data.shards import read_arrays
     from gptfl_hpc.gen.quality import class_counts, memorisation_report, sample_grid
 
-    syn = read_arrays(out / "synthetic.h5", ["images", "labels"])
+    syn = read_arrays(synthetic, ["images", "labels"])
     sample_grid(syn["images"], syn["labels"], manifest.label_names, out / "samples.png")
     q = {"num_samples": int(len(syn["labels"])),
          "class_counts": class_counts(syn["labels"], manifest.num_classes)}
@@ -71,9 +71,11 @@ def synthetic_quality(out: Path, manifest, data_dir: Path) -> dict:
 
 
 def write_report(cfg, out: Path, manifest, data_dir: Path, runs: dict[str, Path],
-                 pre: dict | None, stages: dict[str, dict]) -> dict:
-    """`runs`: method -> its FL output directory; `stages`: stage -> {"seconds": ...} (the time
-    each stage took when it ran, from its completion record)."""
+                 pre: dict | None, stages: dict[str, dict], synthetic: Path | None = None
+                 ) -> dict:
+    """`runs`: method -> its FL output directory; `pre`: pretrained.json; `synthetic`: the
+    synthetic set; `stages`: stage -> {"seconds": ...} (the time each stage took when it ran,
+    from its completion record)."""
     sec = {k: v["seconds"] for k, v in stages.items()}
     server_time = sum(sec.get(k, 0.0) for k in ("generator", "synthesize", "pretrain"))
     results = {name: json.loads((d / "summary.json").read_text()) for name, d in runs.items()}
@@ -99,7 +101,8 @@ def write_report(cfg, out: Path, manifest, data_dir: Path, runs: dict[str, Path]
                      "rounds_to_target": 0 if syn_acc >= cfg.fl.target_accuracy else None,
                      "rounds_to_fedavg_final": None, "wall_seconds": server_time})
     accuracy_plot(curves, syn_acc, out / "accuracy.png")
-    quality = synthetic_quality(out, manifest, data_dir) if pre is not None else None
+    quality = (synthetic_quality(out, synthetic, manifest, data_dir)
+               if pre is not None and synthetic is not None else None)
     report = {"rows": rows, "target_accuracy": cfg.fl.target_accuracy, "stages": stages,
               "synthetic": quality, "pretrain": pre, "rounds": cfg.fl.rounds,
               "clients": len(manifest.clients), "clients_per_round": cfg.fl.clients_per_round}
