@@ -29,6 +29,8 @@ ALGORITHMS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"
 
 frozen = dataclass(frozen=True, kw_only=True, slots=True)
 
+EMBEDDED_SOURCES = ("digits", "speech_embedded", "mnist_embedded")
+"""Sources that ship with the package (or are made from what packages ship): no data.root."""
 MAX_INT = 2**31 - 1
 """Largest integer any config key accepts (run.seed: 2**63 - 1)."""
 MAX_BATCH = 2**20
@@ -77,9 +79,14 @@ class RunConfig:
 
 @frozen
 class DataConfig:
-    source: Literal["digits", "cifar10", "cifar100", "arrays"] = "digits"
+    source: Literal["digits", "cifar10", "cifar100", "arrays", "image_folder", "flowers102",
+                    "food101", "eurosat", "covid19", "caltech101", "speech_commands", "esc50",
+                    "audio_folder", "speech_embedded", "mnist_embedded"] = "digits"
     """digits: scikit-learn's bundled digits (no download); cifar10/cifar100: the python-pickle
-    batches in `root`; arrays: an .npz or .h5 file in `root`."""
+    batches in `root`; arrays: an .npz or .h5 file in `root`; image_folder and the named image
+    datasets: their on-disk layouts in `root` (gptfl_hpc/data/images.py); speech_commands,
+    esc50, audio_folder: audio layouts in `root`; speech_embedded, mnist_embedded: the
+    embedded defaults that need no download (gptfl_hpc/data/audio.py, data/sources.py)."""
     root: str | None = None
     """cifar*: directory holding data_batch_* / test_batch (or train / test); arrays: the file."""
     dir: str | None = None
@@ -117,7 +124,7 @@ class DataConfig:
         if self.partition == "natural":
             _check(self.source == "arrays" and bool(self.natural_key), "data.natural_key",
                    self.natural_key, "the name of a key array in an 'arrays' source")
-        if self.source in ("cifar10", "cifar100", "arrays"):
+        if self.source not in EMBEDDED_SOURCES:
             _check(bool(self.root), "data.root", self.root,
                    f"a local path (required for data.source={self.source})")
 
@@ -316,12 +323,19 @@ class PretrainConfig:
     """auto: bf16 on GPU, no on CPU."""
     channels_last: bool = True
     """GPU only: train in channels_last memory format (faster convolutions); ignored on CPU."""
+    init: str | None = None
+    """A local .safetensors backbone (e.g. ImageNet weights exported from torchvision) loaded
+    before pretraining; a head of another class count is skipped and reported. null: random
+    init. The paper's VGG-19 silently started from ImageNet weights: here it is explicit, in
+    pretrained.json and the report."""
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size"):
             _check(getattr(self, key) >= 1, f"pretrain.{key}", getattr(self, key), ">= 1")
         _check(self.batch_size <= MAX_BATCH, "pretrain.batch_size", self.batch_size,
                f"1 .. {MAX_BATCH}")
+        _check(self.init is None or self.init.endswith(".safetensors"), "pretrain.init",
+               self.init, "null or a path ending in .safetensors")
         _check(self.lr > 0, "pretrain.lr", self.lr, "> 0")
         _check(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, ">= 0")
         _check(0 <= self.momentum < 1, "pretrain.momentum", self.momentum, "[0, 1)")

@@ -105,7 +105,8 @@ def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> 
     return len(head).to_bytes(8, "little") + head + b"".join(blobs)
 
 
-def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(tensors: dict, path: str | Path,
+                     metadata: dict[str, str] | None = None) -> None:
     """torch tensors -> .safetensors, atomically and deterministically (no pickle anywhere)."""
     write_bytes(path, safetensors_bytes(tensors, metadata))
 

@@ -389,8 +389,9 @@ def status(directory: str | Path, req: Request, *, what: str,
     `outputs` (name -> path relative to `directory`) are what the stage writes; the first is its
     main output, written after the others. A main output present without a record counts as
     complete only when it embeds this request's fingerprint (a stage killed between writing it
-    and its record); then the record is written now. Otherwise it is a conflict (another run's result, or a file of unknown
-    origin), never silently reused or overwritten. `what` names the output in messages.
+    and its record); then the record is written now. Otherwise it is a conflict (another run's
+    result, or a file of unknown origin), never silently reused or overwritten. `what` names the
+    output in messages; "extend": see the module docstring.
     """
     d = Path(directory)
     outputs = dict(outputs or {})

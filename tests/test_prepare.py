@@ -96,17 +96,28 @@ def test_digits_manifest_roundtrip_and_no_label_counts(digits) -> None:
         m.client_path(d, 10)
 
 
-def test_digits_rerun_skips_and_changed_config_refuses(digits, caplog) -> None:
-    cfg, d, m = digits
-    before = {p: p.stat().st_mtime_ns for p in d.rglob("*.h5")}
+def test_digits_rerun_skips_and_changed_config_refuses(tmp_path, caplog) -> None:
+    """The prepare stage (what `gptfl-hpc prepare` and every other command run): the same
+    request reuses the directory untouched, any other one is refused naming what differs."""
+    from gptfl_hpc import pipeline
+    from gptfl_hpc.config import load_config
+    from gptfl_hpc.errors import StaleOutputError
+    from gptfl_hpc.parallel.comm import LocalComm
+
+    def stage(*over):
+        cfg = load_config("configs/tiny.yaml", [f"data.dir={tmp_path / 'd'}", *over])
+        return pipeline.stage_prepare(cfg, tmp_path, LocalComm())
+
+    first = stage()
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "d").rglob("*.h5")}
     with caplog.at_level(logging.INFO, logger="gptfl_hpc"):
-        again = prepare_data(cfg, seed=0, out_dir=d)
-    assert again == m and "is up to date" in caplog.text
-    assert before == {p: p.stat().st_mtime_ns for p in d.rglob("*.h5")}
-    with pytest.raises(DataError, match="different data config.*use a new --out or delete"):
-        prepare_data(DataConfig(num_clients=10, alpha=0.5), seed=0, out_dir=d)
-    with pytest.raises(DataError, match="different data config"):
-        prepare_data(cfg, seed=1, out_dir=d)
+        again = stage()
+    assert again.manifest == first.manifest and "complete for this request" in caplog.text
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "d").rglob("*.h5")}
+    with pytest.raises(StaleOutputError, match=r"another request \(differs in data.alpha"):
+        stage("data.alpha=0.3")
+    with pytest.raises(StaleOutputError, match=r"differs in run.seed"):
+        stage("run.seed=1")
 
 
 def test_digits_deterministic_per_seed(tmp_path: Path, digits) -> None:
@@ -135,8 +146,9 @@ def test_manifest_errors(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
         Manifest.load(tmp_path)
-    with pytest.raises(DataError, match="not valid JSON"):  # prepare does not overwrite it either
-        prepare_data(DataConfig(num_clients=4), seed=0, out_dir=tmp_path)
+    # the prepare stage does not overwrite it either
+    p = run_cli(["prepare", "configs/tiny.yaml", "--out", tmp_path], check=False, timeout=60)
+    assert p.returncode == 2 and "manifest.json exists without prepare.done.json" in p.stderr
 
 
 def test_digits_iid_and_config_errors(tmp_path: Path) -> None:
@@ -389,4 +401,4 @@ def test_cli_prepare(tmp_path: Path) -> None:
                 check=False)
     assert p.returncode != 0
     err = [ln for ln in p.stderr.splitlines() if "error:" in ln]
-    assert len(err) == 1 and "different data config" in err[0], p.stderr
+    assert len(err) == 1 and "another request (differs in data.partition" in err[0], p.stderr

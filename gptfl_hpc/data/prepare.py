@@ -95,6 +95,8 @@ def norm_stats(src: Source) -> tuple[list[float], list[float]]:
     """
     if src.norm_mean is not None and src.norm_std is not None:
         return list(src.norm_mean), list(src.norm_std)
+    if src.kind == "audio":  # normalised per utterance by the audio front end (train/audio.py)
+        return [0.0], [1.0]
     x = src.train_images
     if src.kind == "image":
         mean = np.zeros(x.shape[-1])
@@ -156,7 +158,8 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: str | Path,
     for cid, idx in enumerate(parts):
         if signals.boundary():  # every shard is written atomically: a safe place to stop
             raise Preempted(f"prepare stopped by {signals.reason()} after {cid} of "
-                            f"{cfg.num_clients} client shards; rerun the same command to prepare again")
+                            f"{cfg.num_clients} client shards; rerun the same command to "
+                            "prepare again")
         rel = client_file(cid)
         sha = write_shard(out / rel, src.train_images[idx], src.train_labels[idx],
                           {**base, "client_id": cid, "split": "client"})

@@ -106,14 +106,20 @@ def content_sha256(images: np.ndarray, labels: np.ndarray) -> str:
     return h.hexdigest()
 
 
+KINDS = {("uint8", 4): "image", ("float32", 2): "features", ("int16", 2): "audio"}
+"""(sample dtype, array ndim) -> dataset kind: uint8 (N,H,W,C) images, float32 (N,D) features,
+int16 (N,L) mono waveforms."""
+
+
+def kind_of(images: np.ndarray) -> str | None:
+    return KINDS.get((str(images.dtype), images.ndim))
+
+
 def _check_arrays(images: np.ndarray, labels: np.ndarray, where: str) -> None:
-    if images.dtype == np.uint8 and images.ndim == 4:
-        pass
-    elif images.dtype == np.float32 and images.ndim == 2:
-        pass
-    else:
-        raise DataError(f"{where}: images must be uint8 (N,H,W,C) or float32 (N,D), got "
-                        f"{images.dtype} with shape {images.shape}")
+    if kind_of(images) is None:
+        raise DataError(f"{where}: samples must be uint8 (N,H,W,C) images, float32 (N,D) "
+                        f"features or int16 (N,L) waveforms, got {images.dtype} with shape "
+                        f"{images.shape}")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels must be a 1-d integer array, got {labels.dtype} "
                         f"with shape {labels.shape}")
@@ -139,7 +145,7 @@ def write_shard(path: str | Path, images: np.ndarray, labels: np.ndarray,
     meta: dict[str, Any] = {"client_id": -1, "partition": "none", "seed": -1, "label_names": []}
     meta.update(attrs)
     meta["label_names"] = json.dumps(list(meta["label_names"]))
-    meta.update(num_samples=len(labels), kind="image" if images.ndim == 4 else "features",
+    meta.update(num_samples=len(labels), kind=kind_of(images),
                 format_version=FORMAT_VERSION, sha256=digest)
     n = len(labels)
     row_bytes = max(1, images[:1].nbytes) if n else 1

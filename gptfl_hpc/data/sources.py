@@ -74,11 +74,10 @@ class Source:
 
 def load_source(cfg: DataConfig, seed: int) -> Source:
     """Load ``cfg.source`` and split it (public / test / private pool) with ``seed``."""
-    try:
-        loader = SOURCES[cfg.source]
-    except KeyError:
+    if cfg.source not in SOURCES and cfg.source not in LAZY_SOURCES:
         raise ConfigError(f"config key data.source: invalid value {cfg.source!r}; valid: "
-                          + ", ".join(SOURCES)) from None
+                          + ", ".join([*SOURCES, *LAZY_SOURCES]))
+    loader = _loader(cfg.source)
     src = loader(cfg, seed)
     _check_source(src, cfg)
     log.info("loaded %s: %d private, %d test, %s public samples of shape %s, %d classes",
@@ -386,3 +385,34 @@ SOURCES: dict[str, Callable[[DataConfig, int], Source]] = {
     "arrays": _load_arrays,
 }
 """data.source -> loader(cfg, seed)."""
+
+LAZY_SOURCES: dict[str, str] = {
+    # images in their on-disk layouts (decoded and resized once, in parallel)
+    "image_folder": "gptfl_hpc.data.images:load_image_folder",
+    "flowers102": "gptfl_hpc.data.images:load_flowers102",
+    "food101": "gptfl_hpc.data.images:load_food101",
+    "eurosat": "gptfl_hpc.data.images:load_eurosat",
+    "covid19": "gptfl_hpc.data.images:load_covid19",
+    "caltech101": "gptfl_hpc.data.images:load_caltech101",
+    # audio (int16 waveforms)
+    "speech_commands": "gptfl_hpc.data.audio:load_speech_commands",
+    "esc50": "gptfl_hpc.data.audio:load_esc50",
+    "audio_folder": "gptfl_hpc.data.audio:load_audio_folder",
+    "speech_embedded": "gptfl_hpc.data.audio:load_speech_embedded",
+    "mnist_embedded": "gptfl_hpc.data.embedded:load_mnist_embedded",
+}
+"""data.source -> "module:function" of loaders in their own modules, imported when used."""
+
+
+def _loader(name: str) -> Callable[[DataConfig, int], Source]:
+    import importlib
+
+    if name in SOURCES:
+        return SOURCES[name]
+    module, _, fn = LAZY_SOURCES[name].partition(":")
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError):
+        raise ConfigError(f"config key data.source: {name!r} is not available in this "
+                          f"installation ({LAZY_SOURCES[name]} missing); valid: "
+                          + ", ".join(SOURCES)) from None

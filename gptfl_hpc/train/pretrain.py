@@ -72,8 +72,12 @@ def _shape(shape: Any) -> str:
     return "(" + ",".join(str(int(s)) for s in shape) + ")"
 
 
-def _load_synthetic(path: Path, input_shape: tuple, num_classes: int, batch_size: int
-                    ) -> tuple[np.ndarray, np.ndarray]:
+SAMPLE_DATASETS = {"image": ("images", "uint8"), "audio": ("audio", "int16")}
+"""Dataset kind -> (the synthetic set's sample dataset, its dtype) (gen/base.py Task)."""
+
+
+def _load_synthetic(path: Path, kind: str, input_shape: tuple, num_classes: int,
+                    batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Read and check the synthetic set; one-line DataErrors that name the file."""
     from gptfl_hpc.data.shards import read_arrays, read_attrs
 
@@ -84,19 +88,21 @@ def _load_synthetic(path: Path, input_shape: tuple, num_classes: int, batch_size
     if split in ("test", "client", "public"):
         raise DataError(f"synthetic set {path}: is a prepared {split} shard of real data, not "
                         "a synthetic set; valid: the output of `gptfl-hpc synthesize`")
-    arrays = read_arrays(path, ["images", "labels"])
-    images, labels = arrays["images"], arrays["labels"]
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise DataError(f"synthetic set {path}: images must be uint8 (N,H,W,C), got "
-                        f"{images.dtype} {_shape(images.shape)}")
+    name, dtype = SAMPLE_DATASETS[kind]
+    arrays = read_arrays(path, [name, "labels"])
+    images, labels = arrays[name], arrays["labels"]
+    if images.dtype != np.dtype(dtype) or images.ndim != 1 + len(input_shape):
+        raise DataError(f"synthetic set {path}: {name} must be {dtype} with "
+                        f"{1 + len(input_shape)} dimensions, got {images.dtype} "
+                        f"{_shape(images.shape)}")
     if tuple(images.shape[1:]) != tuple(input_shape):
-        raise DataError(f"synthetic set {path}: images have shape (H,W,C)="
+        raise DataError(f"synthetic set {path}: samples have shape "
                         f"{_shape(images.shape[1:])} but the dataset manifest expects "
                         f"{_shape(input_shape)}; synthesise at the task's resolution")
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != len(
             images):
-        raise DataError(f"synthetic set {path}: labels must be 1-d integers, one per image; got "
-                        f"{labels.dtype} {_shape(labels.shape)} for {len(images)} images")
+        raise DataError(f"synthetic set {path}: labels must be 1-d integers, one per sample; "
+                        f"got {labels.dtype} {_shape(labels.shape)} for {len(images)} samples")
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
         raise DataError(f"synthetic set {path}: labels out of range [0, {num_classes}): found "
                         f"min {int(labels.min())}, max {int(labels.max())}")
@@ -343,11 +349,11 @@ def pretrain(cfg: PretrainConfig, *, model_cfg: ModelConfig, run_cfg: Any,
 
     def inspect() -> dict:
         m = manifest or Manifest.load(data_dir)
-        if m.kind != "image" or len(m.input_shape) != 3:
-            raise DataError(f"dataset in {data_dir}: pretraining needs images (H,W,C), the "
+        if m.kind not in SAMPLE_DATASETS:
+            raise DataError(f"dataset in {data_dir}: pretraining needs images or audio, the "
                             f"manifest says kind={m.kind} {_shape(m.input_shape)}")
-        images, labels = _load_synthetic(syn_path, tuple(m.input_shape), m.num_classes,
-                                         cfg.batch_size)
+        images, labels = _load_synthetic(syn_path, m.kind, tuple(m.input_shape),
+                                         m.num_classes, cfg.batch_size)
         test_x, test_y = m.read_test(data_dir)
         leaked = _leaks_test(images, test_x)
         if leaked:
@@ -380,6 +386,13 @@ def pretrain(cfg: PretrainConfig, *, model_cfg: ModelConfig, run_cfg: Any,
         model = build_model(model_cfg, model_shape, m.num_classes)
         eval_model = build_model(model_cfg, model_shape, m.num_classes) \
             if comm.rank == 0 else None
+    backbone = None
+    if cfg.init and state is None:
+        from gptfl_hpc.train.models import load_pretrained_backbone
+
+        backbone = load_pretrained_backbone(model, cfg.init)
+        if comm.rank == 0:
+            log.info("pretrain: backbone %s: %s", cfg.init, backbone.summary())
     history: list[dict] = list(state["history"]) if state else []
     start_epoch = int(state["epoch"]) if state else 0
     device_type = "cuda" if use_cuda else "cpu"
@@ -463,6 +476,9 @@ def pretrain(cfg: PretrainConfig, *, model_cfg: ModelConfig, run_cfg: Any,
             "label_names": list(m.label_names), "norm_mean": list(m.norm_mean),
             "norm_std": list(m.norm_std), "augment": bool(augment), "seed": int(seed),
             "pretrain": dataclasses.asdict(cfg), "epochs": cfg.epochs,
+            "init": ({"path": cfg.init, "summary": backbone.summary()} if backbone is not None
+                     else ({"path": cfg.init, "summary": "resumed from a checkpoint"}
+                           if cfg.init else "random")),
             "steps": steps_per_epoch * cfg.epochs, "global_batch_size": cfg.batch_size,
             "per_process_batch_sizes": [b - a for a, b in zip(tr.bounds, tr.bounds[1:])],
             "num_processes": P, "device": device_type, "mixed_precision": mixed,
