@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -162,10 +161,9 @@ def _input_digest(path: str) -> str:
 
 
 def _rank_from_env() -> int:
-    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+    from gptfl_hpc.parallel.env import rank_from_env
+
+    return rank_from_env()
 
 
 def _abort_world(code: int) -> None:

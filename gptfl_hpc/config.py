@@ -54,7 +54,19 @@ class RunConfig:
     """auto: a GPU when one is visible. The server ranks synthesise and pretrain there; FL
     workers train (and the server evaluates) on their node-local GPU."""
     methods: list[str] = field(default_factory=lambda: ["gptfl", "fedavg", "synthetic_only"])
-    """Methods that ``gptfl-hpc run`` compares (subset of gptfl, fedavg, synthetic_only)."""
+    """Methods that ``gptfl-hpc run`` compares (subset of gptfl, fedavg, synthetic_only,
+    local_only). gptfl: FL from the GPT-FL init (the model pretrained on synthetic data);
+    fedavg: the same FL from random init (the scratch baseline); synthetic_only: the pretrained
+    model alone; local_only: every client fine-tunes the pretrained model on its own data for
+    fl.rounds x fl.local_epochs epochs, no federation (gptfl_hpc/fl/local.py). With
+    run.algorithms set, gptfl and fedavg select the two columns of that table."""
+    algorithms: list[str] = field(default_factory=list)
+    """FL algorithms `run` compares from scratch and from the GPT-FL init: for each entry X it
+    writes <out>/X-scratch (methods: fedavg) and <out>/X-gptfl (methods: gptfl). Names:
+    fedavg, fedprox, fedavgm, fedadam, fedyogi, fedadagrad, scaffold, dp_fedavg (fl.algorithm=
+    fedavg with dp.enabled); an entry may carry fl./dp. overrides for that algorithm only,
+    space separated in parentheses: "fedadam(fl.server_lr=0.01)". Empty: the single
+    fl.algorithm into <out>/gptfl and <out>/fedavg."""
     store: str | None = None
     """A shared stage store: the server stages (prepare, generator, synthesize, pretrain) write
     into STORE/<stage>-<fingerprint>/ instead of --out, so runs whose requests match reuse them
@@ -72,9 +84,36 @@ class RunConfig:
         _check(0 <= self.seed < 2**63, "run.seed", self.seed, "0 <= seed < 2**63")
         _check(0 <= self.threads <= 4096, "run.threads", self.threads, "0 (auto) .. 4096")
         _check(self.server_processes >= 0, "run.server_processes", self.server_processes, ">= 0")
-        bad = [m for m in self.methods if m not in ("gptfl", "fedavg", "synthetic_only")]
-        _check(not bad and self.methods, "run.methods", self.methods,
-               "a non-empty list of: gptfl, fedavg, synthetic_only")
+        methods = ("gptfl", "fedavg", "synthetic_only", "local_only")
+        bad = [m for m in self.methods if m not in methods]
+        _check(not bad and bool(self.methods), "run.methods", self.methods,
+               "a non-empty list of: " + ", ".join(methods))
+        names = [RunConfig.parse_algorithm(a)[0] for a in self.algorithms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        _check(not dup, "run.algorithms", self.algorithms, f"each name once (repeated: {dup})")
+
+    ALGORITHM_NAMES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+                       "scaffold", "dp_fedavg")
+
+    @staticmethod
+    def parse_algorithm(entry: str) -> tuple[str, list[str]]:
+        """'fedadam(fl.server_lr=0.01 dp.x=1)' -> ('fedadam', ['fl.server_lr=0.01', ...])."""
+        import re
+
+        valid = ("NAME or NAME(fl.KEY=VALUE dp.KEY=VALUE ...) with NAME one of "
+                 + ", ".join(RunConfig.ALGORITHM_NAMES))
+        m = re.fullmatch(r"\s*([a-z_]+)\s*(?:\((.*)\))?\s*", entry)
+        _check(m is not None and m.group(1) in RunConfig.ALGORITHM_NAMES, "run.algorithms",
+               entry, valid)
+        assert m is not None
+        overrides = (m.group(2) or "").split()
+        for o in overrides:
+            key = o.partition("=")[0]
+            _check("=" in o and key.startswith(("fl.", "dp.")) and key not in (
+                "fl.algorithm", "fl.init", "dp.enabled"), "run.algorithms", entry,
+                "overrides KEY=VALUE of fl.* and dp.* keys other than fl.algorithm, fl.init "
+                "and dp.enabled (the name sets those)")
+        return m.group(1), overrides
 
 
 @frozen
@@ -111,8 +150,24 @@ class DataConfig:
     labels_key: str = "labels"
     label_names: list[str] | None = None
     """Override of the source's label names (also the prompts' class names)."""
+    image_size: int = 0
+    """Image-folder sources (image_folder, flowers102, food101, eurosat, covid19, caltech101):
+    side of the square uint8 images `prepare` decodes once into the shards; 0 = 224. Other
+    sources keep their native size and accept only 0."""
+    resize: Literal["center_crop", "stretch"] = "center_crop"
+    """Image-folder sources: center_crop resizes the shorter side to image_size (antialiased
+    bilinear) and keeps the central square; stretch resizes to image_size x image_size."""
+    split_file: str = ""
+    """image_folder only: a CSV file inside data.root with lines `relative/path.jpg,train` (or
+    test) that assigns the files of <root>/<class>/ to the splits; empty: none."""
+    workers: int = 0
+    """Image-folder sources: decode processes of `prepare` (0 = one per CPU this process may
+    use). The shards are byte-identical for any count."""
 
     def __post_init__(self) -> None:
+        _check(0 <= self.image_size <= 4096, "data.image_size", self.image_size,
+               "0 (the source's default) .. 4096")
+        _check(0 <= self.workers <= 4096, "data.workers", self.workers, "0 (auto) .. 4096")
         _check(0.0 <= self.public_fraction < 1.0, "data.public_fraction", self.public_fraction,
                "0 <= x < 1")
         _check(self.test_size > 0, "data.test_size", self.test_size, "> 0")
@@ -146,8 +201,13 @@ class ModelConfig:
 
 @frozen
 class FLConfig:
-    algorithm: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"] = (
-        "fedavg")
+    algorithm: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+                       "scaffold"] = "fedavg"
+    """Server algorithm (gptfl_hpc/fl/fedavg.py). scaffold: SCAFFOLD (Karimireddy et al.
+    2020) with client control variates kept on the rank that owns the client, so it runs with
+    fl.placement=static (balanced is switched to static with a log line); the round's one
+    Allreduce carries the model update and the control-variate change together
+    (gptfl_hpc/fl/scaffold.py). Central DP is the orthogonal `dp` section."""
     rounds: int = 30
     clients_per_round: int = 5
     local_epochs: int = 1
@@ -187,7 +247,8 @@ class FLConfig:
     """balanced: each round's sampled clients are spread over the client ranks by expected cost
     (samples x local epochs), so no rank waits for a busier one; a client rank then reads the
     shards of the clients it trains that round (never the server). static: clients are pinned
-    to ranks once and each rank only ever opens its own clients' shards."""
+    to ranks once and each rank only ever opens its own clients' shards. fl.algorithm=scaffold
+    always runs static (its client state stays on the client's rank)."""
     client_cache_mb: int = 2048
     """balanced placement: client shards a rank keeps in memory between rounds (LRU, MiB)."""
     sync: Literal["replicated", "bcast"] = "replicated"
@@ -218,6 +279,58 @@ class FLConfig:
                "0 < x <= 1 (a fraction, not a percentage)")
         _check(self.init == "random" or self.init.endswith(".safetensors"), "fl.init", self.init,
                "'random' or a path ending in .safetensors")
+
+
+@frozen
+class DPConfig:
+    """Central differential privacy for FL: DP-FedAvg (McMahan et al. 2018) with optional
+    adaptive clipping (Andrew et al. 2021); gptfl_hpc/fl/dp.py.
+
+    With ``enabled``, every client update (the whole float model vector) is clipped to L2 norm
+    ``clip_norm`` on its rank before it is encoded, each client counts once (uniform weights,
+    no sample weighting), and after the round's one Allreduce every rank adds the same Gaussian
+    noise of standard deviation noise_multiplier x clip_norm to the summed update (drawn from
+    (run.seed, round)) and divides by the fixed denominator fl.clients_per_round. Epsilon at
+    ``delta`` after every round is in metrics.jsonl, summary.json and the report."""
+
+    enabled: bool = False
+    clip_norm: float = 1.0
+    """L2 clip norm C of one client's update (the initial C with adaptive clipping)."""
+    noise_multiplier: float = 1.0
+    """z: noise std on the summed update = z x C (the accounted multiplier; with adaptive
+    clipping the update noise is raised so that update + clipped count together cost z).
+    0: no noise (epsilon = inf; for tests)."""
+    target_epsilon: float | None = None
+    """Set: the noise multiplier is computed before round 1 so that epsilon after fl.rounds
+    rounds is this (dp.noise_multiplier is then ignored; fl.rounds becomes part of the run's
+    identity)."""
+    delta: float = 1e-5
+    """Target delta of the (epsilon, delta) guarantee; keep it below 1 / data.num_clients."""
+    accountant: Literal["rdp", "pld"] = "rdp"
+    """dp-accounting's Renyi-DP accountant, or the (tighter) privacy-loss-distribution one.
+    Each round is a Poisson-subsampled Gaussian with rate fl.clients_per_round /
+    data.num_clients."""
+    adaptive_clipping: bool = False
+    """Andrew et al. 2021: C <- C exp(-clip_learning_rate (b - target_quantile)), b = the noised
+    fraction of clients whose update norm was <= C."""
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    clipped_count_stddev: float | None = None
+    """Noise std of the count of unclipped clients; null: fl.clients_per_round / 20 (Andrew et
+    al.). Must exceed noise_multiplier / 2."""
+
+    def __post_init__(self) -> None:
+        _check(self.clip_norm > 0, "dp.clip_norm", self.clip_norm, "> 0")
+        _check(self.noise_multiplier >= 0, "dp.noise_multiplier", self.noise_multiplier, ">= 0")
+        _check(self.target_epsilon is None or self.target_epsilon > 0, "dp.target_epsilon",
+               self.target_epsilon, "null or > 0")
+        _check(0 < self.delta < 1, "dp.delta", self.delta, "0 < delta < 1")
+        _check(0 < self.target_quantile < 1, "dp.target_quantile", self.target_quantile,
+               "0 < x < 1")
+        _check(self.clip_learning_rate >= 0, "dp.clip_learning_rate", self.clip_learning_rate,
+               ">= 0")
+        _check(self.clipped_count_stddev is None or self.clipped_count_stddev > 0,
+               "dp.clipped_count_stddev", self.clipped_count_stddev, "null or > 0")
 
 
 @frozen
@@ -407,6 +520,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     fl: FLConfig = field(default_factory=FLConfig)
+    dp: DPConfig = field(default_factory=DPConfig)
     gen: GenConfig = field(default_factory=GenConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
@@ -414,6 +528,10 @@ class Config:
 
 # --------------------------------------------------------------------------------------------
 # loading
+
+
+SECTIONS = ("run", "data", "model", "fl", "gen", "pretrain", "slurm")
+"""The top-level sections of a config file (the fields of Config)."""
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:
@@ -609,7 +727,7 @@ def load_raw(path: str | os.PathLike | None) -> dict:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {p}: top level must be a mapping of sections "
-                          + ", ".join(f.name for f in dataclasses.fields(Config)))
+                          + ", ".join(SECTIONS))
     if _depth(raw, MAX_NESTING) > MAX_NESTING:
         raise ConfigError(f"config file {p}: nested more than {MAX_NESTING} levels deep; "
                           "valid: sections of key: value pairs")

@@ -132,7 +132,7 @@ def training_kernels(mode: str, device_type: str = "cpu") -> Iterator[None]:
                     "results may depend on memory alignment (set MKL_CBWR=AUTO,STRICT before "
                     "starting Python; the gptfl-hpc command does this itself)")
     try:
-        torch.backends.mkldnn.enabled = not invariant
+        torch.backends.mkldnn.enabled = not invariant  # type: ignore[assignment]
         torch.backends.nnpack.set_flags(not invariant)
         torch.backends.cudnn.benchmark = False
         _ACTIVE["invariant"] = invariant

@@ -31,7 +31,8 @@ stores the same fingerprint and is resumed only when it matches.
 Progress targets (only ``fl.rounds`` today) are kept out of the fingerprint when the stage can
 extend a finished run to a larger target without changing the earlier rounds: a 30-round FedAvg
 with a constant client lr can be continued to 50 rounds. With a schedule whose shape depends on the
-number of rounds (cosine) ``fl.rounds`` is part of the identity.
+number of rounds (cosine), or DP noise calibrated to a target epsilon after fl.rounds rounds,
+``fl.rounds`` is part of the identity.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from gptfl_hpc.errors import StaleOutputError
 FORMAT = 1
 """Bump when the meaning of a stage's result changes for the same config."""
 
-STAGES = ("prepare", "generator", "synthesize", "pretrain", "federate")
+STAGES = ("prepare", "generator", "synthesize", "pretrain", "federate", "local_only")
 
 # Config fields that determine each stage's result ("section.*" = every field of the section;
 # fields listed in INPUT_FIELDS or NO_EFFECT are taken out of a "*" again).
@@ -61,7 +62,13 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
                    "gen.guidance", "gen.steps", "gen.scheduler", "gen.compile",
                    "gen.channels_last"),
     "pretrain": ("run.seed", "run.cpu_kernels", "pretrain.*", "model.*", "fl.augment"),
-    "federate": ("run.seed", "run.cpu_kernels", "model.*", "fl.*"),
+    "federate": ("run.seed", "run.cpu_kernels", "model.*", "fl.*", "dp.*"),
+    # the local-fine-tuning control: every client runs the FL client procedure for fl.rounds
+    # rounds on its own model (no aggregation), then the server's test set scores it
+    "local_only": ("run.seed", "run.cpu_kernels", "model.*", "fl.rounds", "fl.local_epochs",
+                   "fl.batch_size", "fl.client_optimizer", "fl.client_lr",
+                   "fl.client_lr_schedule", "fl.client_momentum", "fl.client_weight_decay",
+                   "fl.augment", "fl.eval_batch_size"),
 }
 
 INPUT_FIELDS: dict[str, str] = {
@@ -81,12 +88,16 @@ NO_EFFECT: dict[str, str] = {
     "run.device": "where the stages run; the resolved device type and dtype that change the "
                   "numbers enter the synthesis request as derived values",
     "run.methods": "which stages `run` executes; each stage is identified by its own request",
+    "run.algorithms": "which FL stages `run` executes; each is identified by its own request "
+                      "(made from the config with that algorithm's settings)",
     "run.rendezvous": "where the server processes meet; not what they compute",
     "run.store": "where stage outputs live; each is identified by its own fingerprint",
     "run.server_processes": "pretraining uses the same global batch and augmentation draws at "
                             "any process count (DDP changes the float summation order only); "
                             "synthesis is byte-identical for any process count",
     "data.dir": "where the prepared data lives; its content digest is the downstream input",
+    "data.workers": "how many processes decode the images; each file is decoded on its own, so "
+                    "the shards are byte-identical for any count (tests/test_images.py)",
     "gen.batch_size": "the unit of work only: samples are generated in fixed micro-batch calls, "
                       "byte-identical for any batch size (tests/test_synthesize.py)",
     "gen.micro_batch": "the call shape; its resolved value enters the synthesis request as a "
@@ -146,7 +157,8 @@ def stage_fields(stage: str, names: Iterable[str]) -> list[str]:
 
 def progress_target(stage: str, cfg: Any) -> dict[str, int]:
     """Targets kept out of the identity (a finished run may be extended to a larger one)."""
-    if stage == "federate" and cfg.fl.client_lr_schedule == "constant":
+    if (stage == "federate" and cfg.fl.client_lr_schedule == "constant"
+            and not (cfg.dp.enabled and cfg.dp.target_epsilon is not None)):
         return {"rounds": int(cfg.fl.rounds)}
     return {}
 
@@ -312,7 +324,7 @@ def record_path(directory: str | Path, stage: str) -> Path:
     return Path(directory) / f"{stage}{RECORD_SUFFIX}"
 
 
-def write_record(directory: str | Path, req: Request, outputs: dict[str, str | Path],
+def write_record(directory: str | Path, req: Request, outputs: Mapping[str, str | Path],
                  **info: Any) -> dict[str, Any]:
     """Commit a finished stage: digest its outputs and write the record, atomically, last.
 

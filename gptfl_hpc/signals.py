@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from typing import Any
 
 log = logging.getLogger(__name__)
 
-_flag = {"stop": False, "signal": None, "boundaries": 0, "installed": False}
+_flag: dict[str, Any] = {"stop": False, "signal": None, "boundaries": 0, "installed": False}
 SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 
 

@@ -25,4 +25,7 @@ else
   export GPTFL_SLURM_SKIP="not root or no apt-get: cannot install a local Slurm"
 fi
 echo "[test.sh] setup took $(( $(date +%s) - t0 ))s"
+# house rules that check themselves: lint everywhere, types in the pure rooms (pyproject.toml)
+.venv/bin/ruff check gptfl_hpc tests benchmarks
+.venv/bin/mypy
 .venv/bin/python -m pytest -ra --durations=20 -p no:cacheprovider tests "$@"

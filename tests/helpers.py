@@ -9,7 +9,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-MPIEXEC = str(Path(PY).with_name("mpiexec")) if Path(PY).with_name("mpiexec").exists() else "mpiexec"
+_VENV_MPIEXEC = Path(PY).with_name("mpiexec")
+MPIEXEC = str(_VENV_MPIEXEC) if _VENV_MPIEXEC.exists() else "mpiexec"
 
 # Open MPI 5 as root, more ranks than cores, no binding (CI has 2 cores); harmless for MPICH.
 MPI_ENV = {
@@ -25,10 +26,9 @@ MPI_ENV = {
 
 
 def env(**extra: str) -> dict:
-    e = dict(os.environ)
-    for k in list(e):  # never inherit a Slurm allocation's view of the world
-        if k.startswith(("SLURM_", "OMPI_COMM_WORLD", "PMI_", "PMIX_")):
-            del e[k]
+    from gptfl_hpc.parallel.env import without_launcher
+
+    e = without_launcher(os.environ)  # never inherit a Slurm allocation's view of the world
     e.update(MPI_ENV)
     e.update(extra)
     return e
@@ -43,8 +43,8 @@ def run_cli(args: list[str], n: int | None = None, timeout: float = 300, check: 
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                        env=env(**(extra_env or {})), cwd=cwd or REPO)
     if check and p.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}"
-                             f"\n--- stderr\n{p.stderr[-6000:]}")
+        raise AssertionError(f"{' '.join(cmd)} exited {p.returncode}\n--- stdout\n"
+                             f"{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}")
     return p
 
 

@@ -1,4 +1,4 @@
-"""A > 2 GiB float32 buffer through allreduce_sum_ and bcast_ (one call each; 2^29+2^20 elements)."""
+"""A > 2 GiB float32 buffer through allreduce_sum_ and bcast_ (one call each; 2^29+2^20 elems)."""
 
 import numpy as np
 

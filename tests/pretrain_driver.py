@@ -17,11 +17,11 @@ import argparse
 import os
 import sys
 
-from gptfl_hpc.config import ModelConfig, PretrainConfig, RunConfig
-from gptfl_hpc.parallel.comm import get_comm
 from gptfl_hpc import signals
+from gptfl_hpc.config import ModelConfig, PretrainConfig, RunConfig
 from gptfl_hpc.errors import GptflError, Preempted
 from gptfl_hpc.log import init_logging
+from gptfl_hpc.parallel.comm import get_comm
 from gptfl_hpc.train.pretrain import pretrain
 
 

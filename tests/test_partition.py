@@ -63,11 +63,11 @@ def test_dirichlet_skew_grows_as_alpha_shrinks() -> None:
 
 def test_natural_one_client_per_sorted_key() -> None:
     y = _labels(300)
-    keys = np.array(["w%02d" % (i % 12) for i in range(300)])
+    keys = np.array([f"w{i % 12:02d}" for i in range(300)])
     parts = partition(y, 12, "natural", seed=0, keys=keys)
     _check_cover(parts, 300)
     for j, p in enumerate(parts):
-        assert set(keys[p]) == {"w%02d" % j}
+        assert set(keys[p]) == {f"w{j:02d}"}
 
 
 def test_errors_name_the_key() -> None:

@@ -22,9 +22,9 @@ from gptfl_hpc.config import DataConfig, ModelConfig, PretrainConfig, RunConfig
 from gptfl_hpc.data.manifest import Manifest
 from gptfl_hpc.data.prepare import prepare_data
 from gptfl_hpc.data.shards import read_shard
-from gptfl_hpc.parallel.comm import LocalComm
 from gptfl_hpc.errors import ConfigError, DataError, Preempted, StaleOutputError
 from gptfl_hpc.fsio import load_safetensors
+from gptfl_hpc.parallel.comm import LocalComm
 from gptfl_hpc.train.evaluate import evaluate, macro_f1
 from gptfl_hpc.train.models import build_model
 from gptfl_hpc.train.pretrain import CKPT_DIR, INFO_NAME, WEIGHTS_NAME, pretrain

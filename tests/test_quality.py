@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 
 from gptfl_hpc.errors import DataError
-from gptfl_hpc.gen.quality import (class_counts, memorisation_report,
-                                   nearest_neighbour_distances, sample_grid)
+from gptfl_hpc.gen.quality import (
+    class_counts,
+    memorisation_report,
+    nearest_neighbour_distances,
+    sample_grid,
+)
 
 
 def test_class_counts():

@@ -1,8 +1,8 @@
 """Client partitions and stratified splits: pure numpy, seeded, no I/O, no torch.
 
-Every random draw comes from ``np.random.default_rng(np.random.SeedSequence([seed, TAG, ...]))``
-with a fixed per-purpose TAG, so the same (seed, inputs) always give the same split and no two
-purposes share a random stream.
+Every random draw comes from ``gptfl_hpc.seeding.rng(seed, purpose, ...)`` (the project's one
+seed-derivation scheme) with a fixed per-purpose tag, so the same (seed, inputs) always give the
+same split and no two purposes share a random stream.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gptfl_hpc import seeding
 from gptfl_hpc.errors import ConfigError, DataError
 
 METHODS = ("iid", "dirichlet", "natural")
@@ -20,7 +21,7 @@ MAX_DIRICHLET_ATTEMPTS = 1000
 
 
 def purpose_tag(name: str) -> int:
-    """Stable 32-bit tag of a purpose string (part of every derived seed)."""
+    """Stable 32-bit tag of a purpose string (what gptfl_hpc.seeding does with a string)."""
     return zlib.crc32(name.encode("utf-8"))
 
 
@@ -32,7 +33,7 @@ def derived_rng(seed: int, tag: int, *more: int) -> np.random.Generator:
     """A generator for (seed, purpose tag, extra ints); seed must be >= 0."""
     if int(seed) < 0:
         raise ConfigError(f"config key run.seed: invalid value {seed!r}; valid: >= 0")
-    return np.random.default_rng(np.random.SeedSequence([int(seed), int(tag), *map(int, more)]))
+    return seeding.rng(int(seed), int(tag), *map(int, more))
 
 
 def partition(labels: np.ndarray, num_clients: int, method: str, seed: int, alpha: float = 0.5,

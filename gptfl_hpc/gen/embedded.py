@@ -289,10 +289,28 @@ def train_generator(train_cfg: Any, images: np.ndarray, labels: np.ndarray, num_
         log.info("training the embedded generator: %d images %s, %d classes (+ null), %s "
                  "parameters, %d steps at batch %d on %s", len(images), tuple(images.shape[1:]),
                  num_classes, f"{n_params:,}", train_cfg.steps, train_cfg.batch_size, tr.device)
+    start_step = tr.step
+    last_loss = _train_loop(tr, x0, y0, train_cfg, ckpt, fingerprint)
 
+    _finalise(tr, out_dir, {**info, "fingerprint": fingerprint}, {
+        "trained_on": "public split", "steps": train_cfg.steps, "seed": int(seed),
+        "wall_s": round(tr.elapsed, 2), "params": int(n_params), "final_loss": last_loss,
+        "resumed_from_step": start_step or None, "device": str(tr.device),
+        "null_class": int(num_classes)})
+    with contextlib.suppress(FileNotFoundError):
+        ckpt.unlink()
+    log.info("generator saved to %s (%d steps, %.0f s, %s parameters)", out_dir, train_cfg.steps,
+             tr.elapsed, f"{n_params:,}")
+    return out_dir
+
+
+def _train_loop(tr: _Trainer, x0: Any, y0: Any, train_cfg: Any, ckpt: Path,
+                fingerprint: str) -> float:
+    """Steps until train_cfg.steps: progress lines, periodic checkpoints, and a checkpoint plus
+    Preempted at a stop request. Returns the last step's loss."""
     every = max(1, train_cfg.steps // 10)
     t_start = t_win = time.perf_counter()
-    loss_win, n_win, start_step = 0.0, 0, tr.step
+    loss_win, n_win = 0.0, 0
     last_loss = float("nan")
     while tr.step < train_cfg.steps:
         last_loss = tr.train_step(x0, y0)
@@ -316,17 +334,7 @@ def train_generator(train_cfg: Any, images: np.ndarray, labels: np.ndarray, num_
                                 f"{tr.step}/{train_cfg.steps}; checkpoint {ckpt}; rerun with "
                                 "--resume to continue")
     tr.elapsed += time.perf_counter() - t_start
-
-    _finalise(tr, out_dir, {**info, "fingerprint": fingerprint}, {
-        "trained_on": "public split", "steps": train_cfg.steps, "seed": int(seed),
-        "wall_s": round(tr.elapsed, 2), "params": int(n_params), "final_loss": last_loss,
-        "resumed_from_step": start_step or None, "device": str(tr.device),
-        "null_class": int(num_classes)})
-    with contextlib.suppress(FileNotFoundError):
-        ckpt.unlink()
-    log.info("generator saved to %s (%d steps, %.0f s, %s parameters)", out_dir, train_cfg.steps,
-             tr.elapsed, f"{n_params:,}")
-    return out_dir
+    return last_loss
 
 
 def _umask() -> int:

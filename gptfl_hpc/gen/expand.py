@@ -18,12 +18,9 @@ import os
 import re
 
 from gptfl_hpc.errors import ModelError
+from gptfl_hpc.seeding import derive
 
 _MAX_CHARS = 300  # CLIP reads 77 tokens; longer text is cut by the tokenizer anyway
-
-
-def _derived_seed(seed: int, i: int) -> int:
-    return (int(seed) * 1_000_003 + 7919 * int(i) + 17) % (2**63 - 1)
 
 
 def _clean(prompt: str, continuation: str) -> str:
@@ -80,7 +77,7 @@ def expand_prompts(prompts: list[str], model_dir: str | os.PathLike, seed: int, 
     devices = [torch.device(device).index or 0] if str(device).startswith("cuda") else []
     with torch.random.fork_rng(devices=devices), torch.inference_mode():
         for i, p in enumerate(prompts):
-            torch.manual_seed(_derived_seed(seed, i))
+            torch.manual_seed(derive(seed, "prompt-expansion", i))
             res = gen(p, do_sample=True, top_p=top_p, temperature=temperature,
                       max_new_tokens=max_new_tokens, return_full_text=False,
                       pad_token_id=gen.tokenizer.pad_token_id, num_return_sequences=1)

@@ -3,8 +3,9 @@
 Sample ``g`` (0-based, global) has class ``g % K`` and within-class index ``g // K``, so any
 prefix of the plan is class-balanced (the first ``n_total % K`` classes get one extra sample).
 Everything random about sample (class c, index i) comes from
-``np.random.SeedSequence([seed, PLAN_TAG, c, i])``; nothing depends on ``n_total``, the batch size
-or the process count, so a plan for N samples is a prefix of the plan for N' > N.
+``gptfl_hpc.seeding.state_words(seed, PLAN_TAG, c, i)`` (the project's one seed scheme);
+nothing depends on ``n_total``, the batch size or the process count, so a plan for N samples is a
+prefix of the plan for N' > N.
 
 Prompt modes (GPT-FL, Zhang et al. 2023):
 
@@ -25,11 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from gptfl_hpc.errors import ConfigError, ModelError
+from gptfl_hpc.seeding import state_words
 
 log = logging.getLogger(__name__)
 
 PLAN_TAG = 0x67706C6E
-"""SeedSequence purpose word of the synthesis plan (ASCII 'gpln')."""
+"""Purpose tag of the synthesis plan's seeds (ASCII 'gpln')."""
 DEFAULT_DOMAIN_TEMPLATE = "a {domain} of a {label}"
 
 
@@ -81,7 +83,7 @@ def sample_words(seed: int, cls: int, index: np.ndarray) -> np.ndarray:
     """uint64[len(index), 4]: the random words of samples (cls, index[j])."""
     out = np.empty((len(index), 4), dtype=np.uint64)
     for j, i in enumerate(index.tolist()):
-        out[j] = np.random.SeedSequence([seed, PLAN_TAG, cls, i]).generate_state(4, np.uint64)
+        out[j] = state_words(seed, PLAN_TAG, cls, i, n=4)
     return out
 
 

@@ -480,10 +480,55 @@ def synthesize(gen_cfg: Any, *, generator_dir: str | Path | None, label_names: l
     stage's); None computes one from what this call is given. `resume`: continue parts of the
     same request (else they are refused with a message).
     """
-    from gptfl_hpc.parallel.accel import accelerator, want_cuda
+    from gptfl_hpc.parallel.accel import want_cuda
 
     signals.install()
     out_path = Path(out_path)
+    # Step 1: check the inputs; rank 0 opens (and fingerprints) the generator once
+    task = _task(task, label_names, out_shape)
+    _check_scalars(n_total, seed)
+    generator = spec if spec is not None else generator_dir
+    if generator is None:
+        raise ModelError("synthesis: no generator given; valid: generator_dir or spec")
+    spec = GeneratorSpec.from_json(on_root(comm, lambda: check_inputs(
+        gen_cfg, generator=generator, task=task, n_total=n_total, seed=seed).to_json()))
+    # Step 2: the numerics (device, dtype, call shape) and the request
+    device_type = "cuda" if want_cuda(device) else "cpu"
+    numerics = synthesis_numerics(gen_cfg, spec, device_type)
+    request = None
+    if fingerprint is None:
+        request = synthesis_request(gen_cfg, spec=spec, task=task, n_total=n_total, seed=seed,
+                                    numerics=numerics)
+        fingerprint = request.fingerprint
+    # Step 3: rank 0 decides: skip (finished), resume (parts of this request) or start
+    micro = numerics["micro_batch"]
+    n_blocks = -(-n_total // micro)
+    decision = on_root(comm, lambda: _prepare(
+        gen_cfg, out_path=out_path, request=request, fingerprint=fingerprint, resume=resume,
+        label_names=list(task.label_names), n_total=n_total, seed=seed, n_blocks=n_blocks))
+    if decision["action"] == "skip":
+        log.info("synthetic set %s is already complete for this request; skipping", out_path)
+        return out_path
+    plan = build_plan(dataclasses.replace(gen_cfg, expand_prompts=None), task.label_names,
+                      n_total, seed)
+    plan.prompts = list(decision["prompts"])
+    # Step 4: the blocks still to do, split over the processes, one agreement per block
+    t0 = time.perf_counter()
+    _generate(comm, gen_cfg, spec, task, plan, numerics, decision["done"], parts_dir(out_path),
+              device)
+    wall = time.perf_counter() - t0
+    # Step 5: rank 0 merges the parts into the set (the fingerprint in its attributes)
+    attrs = _attrs(gen_cfg, spec, task, seed=seed, n_total=n_total, numerics=numerics,
+                   fingerprint=fingerprint, processes=comm.size, wall=wall)
+    totals = on_root(comm, lambda: _merge(out_path, plan, micro=micro, task=task, attrs=attrs))
+    if comm.rank == 0:
+        log.info("synthetic set written: %s (%d samples, %.0f s; %d block(s) regenerated in fp32 "
+                 "for non-finite outputs; smallest call %d rows)", out_path, n_total, wall,
+                 totals["nonfinite_blocks_regenerated"], totals["call_rows"])
+    return out_path
+
+
+def _task(task: Task | None, label_names: list[str], out_shape: tuple | None) -> Task:
     label_names = list(label_names)
     if task is None:
         if out_shape is None:
@@ -492,42 +537,22 @@ def synthesize(gen_cfg: Any, *, generator_dir: str | Path | None, label_names: l
     if list(task.label_names) != label_names:
         raise ConfigError(f"synthesis: label names {label_names} differ from the task's "
                           f"{list(task.label_names)}; valid: the same list")
-    _check_scalars(n_total, seed)
     task.check()
-    generator = spec if spec is not None else generator_dir
-    if generator is None:
-        raise ModelError("synthesis: no generator given; valid: generator_dir or spec")
-    spec = GeneratorSpec.from_json(on_root(comm, lambda: check_inputs(
-        gen_cfg, generator=generator, task=task, n_total=n_total, seed=seed).to_json()))
-    kind = kind_of(spec)
-    device_type = "cuda" if want_cuda(device) else "cpu"
-    resolved = synthesis_numerics(gen_cfg, spec, device_type)
-    dtype, micro = resolved["dtype"], resolved["micro_batch"]
-    per_part = max(1, -(-gen_cfg.batch_size // micro))
-    n_blocks = -(-n_total // micro)
-    request = None
-    if fingerprint is None:
-        request = synthesis_request(gen_cfg, spec=spec, task=task, n_total=n_total, seed=seed,
-                                    numerics=resolved)
-        fingerprint = request.fingerprint
-    import torch
+    return task
 
-    decision = on_root(comm, lambda: _prepare(
-        gen_cfg, out_path=out_path, request=request, fingerprint=fingerprint, resume=resume,
-        label_names=label_names, n_total=n_total, seed=seed, n_blocks=n_blocks))
-    if decision["action"] == "skip":
-        log.info("synthetic set %s is already complete for this request; skipping", out_path)
-        return out_path
 
-    plan = build_plan(dataclasses.replace(gen_cfg, expand_prompts=None), label_names, n_total,
-                      seed)
-    plan.prompts = list(decision["prompts"])
-    done = np.zeros(n_blocks, dtype=bool)
-    done[np.asarray(decision["done"], dtype=np.int64)] = True
+def _generate(comm: Any, gen_cfg: Any, spec: GeneratorSpec, task: Task, plan: Plan,
+              numerics: dict, done_blocks: list[int], pdir: Path, device: str) -> None:
+    """Generate every block not yet in the part files, the processes of `comm` together."""
+    from gptfl_hpc.parallel.accel import accelerator
+
+    n_total, micro, dtype = len(plan), numerics["micro_batch"], numerics["dtype"]
+    done = np.zeros(-(-n_total // micro), dtype=bool)
+    done[np.asarray(done_blocks, dtype=np.int64)] = True
     todo = np.flatnonzero(~done).tolist()
     n_done = n_total - sum(min((b + 1) * micro, n_total) - b * micro for b in todo)
-    pdir = parts_dir(out_path)
-    t0 = time.perf_counter()
+    per_part = max(1, -(-gen_cfg.batch_size // micro))
+    kind = kind_of(spec)
     with accelerator(comm, device=device, mixed_precision="no") as acc:
         with acc.split_between_processes(todo) as mine:
             mine = list(mine)
@@ -536,8 +561,9 @@ def synthesize(gen_cfg: Any, *, generator_dir: str | Path | None, label_names: l
             log.info("synthesis: %d samples of %s %s (%d classes) with %s generator %s (%s) on "
                      "%d process(es) (%s, %s); %d done, %d blocks of %d to go; parts of <= %d "
                      "blocks or ~%.0f s", n_total, "x".join(map(str, task.sample_shape)),
-                     task.dtype, len(label_names), spec.family, spec.path, kind.name, comm.size,
-                     acc.device, dtype, n_done, len(todo), micro, per_part, PART_SECONDS)
+                     task.dtype, len(task.label_names), spec.family, spec.path, kind.name,
+                     comm.size, acc.device, dtype, n_done, len(todo), micro, per_part,
+                     PART_SECONDS)
         runner, err = None, None
         if n_iter:
             try:
@@ -548,31 +574,27 @@ def synthesize(gen_cfg: Any, *, generator_dir: str | Path | None, label_names: l
             _raise_failure(err, failed)
         writer = _PartWriter(pdir, task, micro=micro, max_blocks=per_part)
         _run_blocks(comm, runner, writer, plan, mine, n_iter, micro=micro, n_done=n_done)
-    wall = time.perf_counter() - t0
 
-    def finish() -> dict:
-        import diffusers
 
-        attrs = {"format_version": FORMAT_VERSION, "generator": str(spec.path),
-                 "generator_fingerprint": spec.fingerprint, "kind": spec.family,
-                 "generator_kind": spec.kind, "steps": gen_cfg.steps,
-                 "scheduler": gen_cfg.scheduler, "seed": int(seed), "n_total": int(n_total),
-                 "num_classes": len(label_names), "label_names": json.dumps(label_names),
-                 "out_shape": json.dumps(list(task.sample_shape)),
-                 "config": json.dumps(dataclasses.asdict(gen_cfg)),
-                 "fingerprint": fingerprint, "micro_batch": micro, "dtype": dtype,
-                 "device_type": device_type, "num_processes": comm.size,
-                 "wall_s": round(wall, 2),
-                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "torch": str(torch.__version__), "diffusers": str(diffusers.__version__)}
-        return _merge(out_path, plan, micro=micro, task=task, attrs=attrs)
+def _attrs(gen_cfg: Any, spec: GeneratorSpec, task: Task, *, seed: int, n_total: int,
+           numerics: dict, fingerprint: str, processes: int, wall: float) -> dict:
+    """The synthetic set's HDF5 attributes (see FORMAT)."""
+    import diffusers
+    import torch
 
-    totals = on_root(comm, finish)
-    if comm.rank == 0:
-        log.info("synthetic set written: %s (%d samples, %.0f s; %d block(s) regenerated in fp32 "
-                 "for non-finite outputs; smallest call %d rows)", out_path, n_total, wall,
-                 totals["nonfinite_blocks_regenerated"], totals["call_rows"])
-    return out_path
+    return {"format_version": FORMAT_VERSION, "generator": str(spec.path),
+            "generator_fingerprint": spec.fingerprint, "kind": spec.family,
+            "generator_kind": spec.kind, "steps": gen_cfg.steps,
+            "scheduler": gen_cfg.scheduler, "seed": int(seed), "n_total": int(n_total),
+            "num_classes": len(task.label_names),
+            "label_names": json.dumps(list(task.label_names)),
+            "out_shape": json.dumps(list(task.sample_shape)),
+            "config": json.dumps(dataclasses.asdict(gen_cfg)),
+            "fingerprint": fingerprint, "micro_batch": numerics["micro_batch"],
+            "dtype": numerics["dtype"], "device_type": numerics["device_type"],
+            "num_processes": processes, "wall_s": round(wall, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "torch": str(torch.__version__), "diffusers": str(diffusers.__version__)}
 
 
 def _run_blocks(comm: Any, runner: _BlockRunner | None, writer: _PartWriter, plan: Plan,

@@ -73,7 +73,7 @@ def rendezvous_address(single_host: bool, wanted: str | None) -> tuple[str, str 
     if single_host and not wanted:
         return "127.0.0.1", "lo"
     addrs = interface_addresses()
-    wanted = wanted or os.environ.get("GPTFL_RENDEZVOUS")
+    wanted = wanted or os.environ.get("GPTFL_RENDEZVOUS") or None
     if wanted:
         if wanted in addrs:
             return addrs[wanted], wanted
@@ -83,9 +83,9 @@ def rendezvous_address(single_host: bool, wanted: str | None) -> tuple[str, str 
         raise ConfigError(f"config key run.rendezvous: {wanted!r} is neither an interface nor an "
                           "address of this host; valid: " + ", ".join(
                               f"{n} ({a})" for n, a in sorted(addrs.items())))
-    name = default_route_interface()
-    if name in addrs and not addrs[name].startswith("127."):
-        return addrs[name], name
+    route = default_route_interface()
+    if route is not None and route in addrs and not addrs[route].startswith("127."):
+        return addrs[route], route
     for name, a in sorted(addrs.items()):
         if not a.startswith("127."):
             return a, name

@@ -16,7 +16,8 @@ import os
 import socket
 import sys
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,9 +31,6 @@ log = logging.getLogger(__name__)
 MAX_ELEMENTS = int(os.environ.get("GPTFL_MPI_MAX_ELEMENTS", 2**30))
 WAIT_MODE = os.environ.get("GPTFL_MPI_WAIT", "sleep")
 SPIN_SECONDS = 1e-3
-
-_LAUNCHER_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS",
-                  "MV2_COMM_WORLD_SIZE", "HYDRA_CONTROL_FD")
 
 
 def node_key() -> list[str]:
@@ -62,6 +60,46 @@ def local_placement(keys: list, rank: int) -> tuple[str, int, int]:
     """
     mine = keys[rank]
     return (mine[1] or mine[0], sum(1 for k in keys[:rank] if k == mine), keys.count(mine))
+
+
+class Comm(Protocol):
+    """What FL, synthesis and pretraining code may use of a communicator (pfl-research's
+    ``DistributedContext`` idea): buffer collectives in place, small JSON messages, sub-groups.
+    :class:`LocalComm` (one process) and :class:`MPIComm` both satisfy it; algorithm code is
+    written against this and never imports MPI."""
+
+    rank: int
+    size: int
+    local_rank: int
+    local_size: int
+    cpu_sharers: int
+    sharers: list[int]
+    library: str
+    is_mpi: bool
+    last_wait: float
+    last_xfer: float
+
+    @property
+    def node(self) -> str: ...
+
+    @property
+    def hosts(self) -> list[str]: ...
+
+    def barrier(self) -> None: ...
+
+    def bcast_(self, buf: np.ndarray, root: int = 0) -> np.ndarray: ...
+
+    def allreduce_sum_(self, buf: np.ndarray) -> np.ndarray: ...
+
+    def allreduce_max_(self, buf: np.ndarray) -> np.ndarray: ...
+
+    def bcast_json(self, obj: Any, root: int = 0) -> Any: ...
+
+    def allgather_json(self, obj: Any) -> list: ...
+
+    def split(self, color: int, key: int = 0) -> Comm | None: ...
+
+    def free(self) -> None: ...
 
 
 class LocalComm:
@@ -173,7 +211,7 @@ class MPIComm:
             time.sleep(delay)
             delay = min(delay * 2, 2e-3)
 
-    def _chunks(self, buf: np.ndarray):
+    def _chunks(self, buf: np.ndarray) -> Iterator[np.ndarray]:
         flat = buf.reshape(-1)
         for start in range(0, max(flat.size, 1), MAX_ELEMENTS):
             yield flat[start:start + MAX_ELEMENTS]
@@ -242,7 +280,9 @@ class MPIComm:
 
 
 def launched_by_mpi() -> bool:
-    return any(v in os.environ for v in _LAUNCHER_VARS) or "mpi4py.MPI" in sys.modules
+    from gptfl_hpc.parallel.env import launched_by_mpi as by_launcher
+
+    return by_launcher() or "mpi4py.MPI" in sys.modules
 
 
 _WORLD: LocalComm | MPIComm | None = None
