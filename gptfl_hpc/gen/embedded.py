@@ -87,15 +87,13 @@ def _check_data(images: np.ndarray, labels: np.ndarray, num_classes: int) -> Non
 
 
 def generator_request(train_cfg: Any, *, public_sha256: str, seed: int,
-                      label_names: list[str] | None, image_shape: list[int],
-                      cpu_kernels: str = "invariant") -> Any:
+                      label_names: list[str] | None, image_shape: list[int]) -> Any:
     """The request that identifies an embedded generator: the generator stage's request
     (gptfl_hpc/provenance.py) for a config with these sections."""
     from gptfl_hpc import provenance
     from gptfl_hpc.config import Config, GenConfig, RunConfig
 
-    cfg = Config(run=RunConfig(seed=int(seed), cpu_kernels=cpu_kernels),
-                 gen=GenConfig(train=train_cfg))
+    cfg = Config(run=RunConfig(seed=int(seed)), gen=GenConfig(train=train_cfg))
     return provenance.request(
         "generator", cfg, inputs={"public_split": public_sha256},
         derived={"label_names": list(label_names) if label_names else None,
