@@ -27,6 +27,9 @@ COMMANDS = {
     "submit": "submit a command to Slurm (or run locally) through submitit",
     "scale": "scaling experiment over rank counts (local mpiexec or Slurm)",
     "render-slurm": "print a Slurm batch script rendered from the config",
+    "grid": "the experiment grid (methods x seeds x alphas x volumes x clients per round), "
+            "locally or as one Slurm array job",
+    "collect": "a finished grid's tables: tables.md, tables.csv, diversity.png",
 }
 
 
@@ -36,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, help_ in COMMANDS.items():
         s = sub.add_parser(name, help=help_, description=help_)
+        if name == "collect":  # a grid directory, no config
+            s.add_argument("dir", help="the grid's directory (grid --out)")
+            s.add_argument("--target", type=float, default=None, help="target accuracy for "
+                           "'rounds to target' (default: the grid's fl.target_accuracy)")
+            continue
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fl.rounds=50")
         if name != "check-config":
@@ -54,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
             from gptfl_hpc.launch.cli_args import add_launch_args
 
             add_launch_args(s, name)
+        if name == "grid":
+            from gptfl_hpc.grid import add_grid_args
+
+            add_grid_args(s)
     return p
 
 
@@ -72,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     rank = _rank_from_env()
     init_logging(rank)
     try:
+        if args.command == "collect":
+            if args.overrides:
+                parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
+            from gptfl_hpc.collect import run_collect_command
+
+            return run_collect_command(args)
         from gptfl_hpc.config import load_config
 
         cfg = load_config(args.config, args.overrides)
@@ -110,6 +128,12 @@ def _dispatch(args: argparse.Namespace, cfg) -> int | None:
         from gptfl_hpc.launch.cli_args import run_launch_command
 
         return run_launch_command(cmd, args, cfg)
+    if cmd == "grid":
+        from gptfl_hpc.collect import collect
+        from gptfl_hpc.grid import run_grid_command
+        from gptfl_hpc.launch import slurm as scripts
+
+        return run_grid_command(args, cfg, scripts=scripts, collect=collect)
     import dataclasses
 
     from gptfl_hpc import pipeline as pl

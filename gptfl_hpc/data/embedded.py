@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 
 from gptfl_hpc.config import DataConfig
-from gptfl_hpc.errors import ConfigError
 from gptfl_hpc.data.partition import stratified_split
 from gptfl_hpc.data.sources import TAG_PUBLIC, TAG_TEST, Source, _label_names, _test_count
+from gptfl_hpc.errors import ConfigError
 
 MNIST_NORM = ([0.1307], [0.3081])
 

@@ -41,9 +41,16 @@ NORM: dict[str, tuple[list[float], list[float]]] = {
 }
 
 
+IMAGE_FOLDER_SOURCES = ("image_folder", "flowers102", "food101", "eurosat", "covid19",
+                        "caltech101")
+"""Sources whose images are files on disk (gptfl_hpc/data/images.py): train_images/test_images
+are lazy ImageFiles arrays that only `prepare` decodes, streaming them into the shards."""
+
+
 @dataclass
 class Source:
-    """One dataset in memory. Images: uint8 (N,H,W,C); features: float32 (N,D); labels int64."""
+    """One dataset in memory. Images: uint8 (N,H,W,C); features: float32 (N,D); labels int64.
+    Image-folder sources hold lazy arrays (images.ImageFiles) instead of decoded images."""
 
     name: str
     kind: str
@@ -77,6 +84,13 @@ def load_source(cfg: DataConfig, seed: int) -> Source:
     if cfg.source not in SOURCES and cfg.source not in LAZY_SOURCES:
         raise ConfigError(f"config key data.source: invalid value {cfg.source!r}; valid: "
                           + ", ".join([*SOURCES, *LAZY_SOURCES]))
+    if cfg.source not in IMAGE_FOLDER_SOURCES:
+        for key, value in (("image_size", cfg.image_size), ("split_file", cfg.split_file)):
+            if value:
+                raise ConfigError(f"config key data.{key}: only for the image-folder sources "
+                                  f"({', '.join(IMAGE_FOLDER_SOURCES)}); data.source="
+                                  f"{cfg.source} keeps its own size and split; valid: "
+                                  f"{0 if key == 'image_size' else repr('')}")
     loader = _loader(cfg.source)
     src = loader(cfg, seed)
     _check_source(src, cfg)
