@@ -1,6 +1,7 @@
 """Run pretrain() under mpiexec for tests: ``mpiexec -n N python -m mpi4py tests/pretrain_driver.py
 --synthetic F --data-dir D --out O [--epochs E] [--batch-size B] [--optimizer O] [--lr LR]
-[--model NAME] [--no-augment] [--seed S] [--resume-after-preempt]``.
+[--model NAME] [--no-augment] [--seed S] [--data-path auto|device|stream]
+[--resume-after-preempt]``.
 
 ``--resume-after-preempt``: when the run raises Preempted (GPTFL_STOP_AFTER), clear the stop
 request and call pretrain() again in the same processes, as a requeued job would (it resumes from
@@ -37,12 +38,13 @@ def main() -> int:
     p.add_argument("--model", default="digits_cnn")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--data-path", default="auto", choices=["auto", "device", "stream"])
     p.add_argument("--resume-after-preempt", action="store_true")
     a = p.parse_args()
     comm = get_comm()
     init_logging(comm.rank)
     cfg = PretrainConfig(epochs=a.epochs, batch_size=a.batch_size, optimizer=a.optimizer,
-                         lr=a.lr)
+                         lr=a.lr, data_path=a.data_path)
     kwargs = dict(model_cfg=ModelConfig(name=a.model), run_cfg=RunConfig(seed=a.seed),
                   synthetic_path=a.synthetic, data_dir=a.data_dir, out_dir=a.out,
                   augment=not a.no_augment, fingerprint="driver", comm=comm)

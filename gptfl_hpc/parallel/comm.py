@@ -99,7 +99,49 @@ class Comm(Protocol):
 
     def split(self, color: int, key: int = 0) -> Comm | None: ...
 
+    def host_array(self, shape: tuple[int, ...], dtype: Any) -> HostArray: ...
+
     def free(self) -> None: ...
+
+
+class HostArray:
+    """One numpy array per host, shared by the ranks of that host (made by ``host_array``).
+
+    Large read-only data that every rank needs (pretraining's synthetic set) is held once per
+    host instead of once per rank: on a host with several ranks the array lives in an MPI
+    shared-memory window (``MPI_Win_allocate_shared`` over ``MPI_COMM_TYPE_SHARED``; Open MPI
+    and MPICH back it with /dev/shm); a rank alone on its host gets private memory. Only the
+    communicator's rank 0 writes it, then :meth:`bcast_from_root` copies it to the other hosts'
+    copies (one message per host, not per rank) and returns once every rank sees it. ``free()``
+    is collective; the array must not be used after it.
+    """
+
+    def __init__(self, array: np.ndarray, *, host_rank: int = 0, host_size: int = 1,
+                 hosts: int = 1, shared: bool = False, bcast: Any = None,
+                 free: Any = None) -> None:
+        self.array = array
+        self.host_rank = host_rank
+        """This rank's index among the ranks of its host (0 = the one that receives)."""
+        self.host_size = host_size
+        """Ranks on this host that share the array."""
+        self.hosts = hosts
+        """Copies in the whole communicator (one per host)."""
+        self.shared = shared
+        """True when the array is an MPI shared-memory window (several ranks on the host)."""
+        self._bcast, self._free = bcast, free
+
+    def bcast_from_root(self) -> np.ndarray:
+        """Copy rank 0's contents to every host's copy; every rank returns once it sees them."""
+        if self._bcast is not None:
+            self._bcast()
+        return self.array
+
+    def free(self) -> None:
+        """Release the memory (collective over the communicator that made it)."""
+        self.array = np.empty(0, self.array.dtype)
+        if self._free is not None:
+            self._free()
+            self._free = None
 
 
 class LocalComm:
@@ -147,6 +189,10 @@ class LocalComm:
 
     def split(self, color: int, key: int = 0) -> LocalComm | None:
         return self if color >= 0 else None
+
+    def host_array(self, shape: tuple[int, ...], dtype: Any) -> HostArray:
+        """A private array (one process: nothing to share)."""
+        return HostArray(np.empty(shape, dtype))
 
     def abort(self, code: int = 1) -> None:
         sys.exit(code)
@@ -268,6 +314,45 @@ class MPIComm:
         MPI = self._MPI
         sub = self.comm.Split(color if color >= 0 else MPI.UNDEFINED, key)
         return MPIComm(sub) if sub != MPI.COMM_NULL else None
+
+    def host_array(self, shape: tuple[int, ...], dtype: Any) -> HostArray:
+        """An uninitialised array shared by the ranks of each host (collective; see HostArray).
+
+        The ranks of a host are those of ``MPI_COMM_TYPE_SHARED`` (one OS instance: emulated
+        Slurm nodes on one host share it too, which is what shared memory needs). The ranks
+        numbered first on each host form the leaders' communicator that copies rank 0's data
+        to the other hosts.
+        """
+        MPI = self._MPI
+        dt = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        host = MPIComm(self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank))
+        raw = self.comm.Split(0 if host.rank == 0 else MPI.UNDEFINED, self.rank)
+        leaders = MPIComm(raw) if raw != MPI.COMM_NULL else None
+        hosts = int(self.allreduce_sum_(np.array([int(host.rank == 0)], np.int64))[0])
+        win = None
+        if host.size > 1 and nbytes > 0:
+            win = MPI.Win.Allocate_shared(nbytes if host.rank == 0 else 0, 1, comm=host.comm)
+            buf, _ = win.Shared_query(0)
+            array = np.frombuffer(buf, np.uint8, count=nbytes).view(dt).reshape(shape)
+        else:
+            array = np.empty(shape, dt)
+
+        def bcast() -> None:
+            if leaders is not None and leaders.size > 1:
+                leaders.bcast_(array.reshape(-1))
+            host.barrier()  # the other ranks of the host read the window from here on
+
+        def free() -> None:
+            host.barrier()  # nobody frees the window while a rank of its host still reads it
+            if win is not None:
+                win.Free()
+            if leaders is not None:
+                leaders.free()
+            host.free()
+
+        return HostArray(array, host_rank=host.rank, host_size=host.size, hosts=hosts,
+                         shared=win is not None, bcast=bcast, free=free)
 
     def abort(self, code: int = 1) -> None:
         logging.shutdown()
