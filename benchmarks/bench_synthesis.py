@@ -24,13 +24,24 @@ Measured, in one process on the same pipeline object:
 Each timing is one full sampler call between ``torch.cuda.synchronize()``s, median over
 --repeats after a warm-up call at the same shape. Work per image is counted with
 ``torch.utils.flop_counter.FlopCounterMode`` on the meta device: one UNet step with 2 CFG rows x
-steps + one VAE decode (the text encoder, ~0.1 TFLOP, is left out as in anchors.md); the share of
+steps + one VAE decode (the text encoder, ~0.1 TFLOP, is left out as in the anchors); the share of
 the FLOP ceiling is img/s x FLOP/img / --peak-flops (default 989e12: H100 SXM dense fp16/bf16
-tensor-core peak; anchors.md used 798e12, pass that to compare). Targets: >= 2.5 img/s at
+tensor-core peak; the anchors used 798e12, pass that to compare). Targets: >= 2.5 img/s at
 768 px / 50 steps and >= 6.5 img/s at 512 px / 50 steps.
 
 --time-budget (seconds, default 420) stops starting new configurations once spent; skipped ones
 are listed. --json PATH writes all results.
+
+**Audio** (``--audio``): text-to-audio with the AudioLDM-S architecture (the paper's
+``cvssp/audioldm``: UNet 128-256-384-640 with CLAP-conditioned class embeddings, 8-channel VAE
+latents at 1/4 of the 64-bin mel spectrogram, HiFi-GAN at 16 kHz), random weights, 5.0 s clips,
+DDIM, guidance 2.5 (two UNet rows per clip), fp16 on GPU. ``reference`` is the reference code's
+pattern, one clip per pipeline call; ``batched`` is gptfl-hpc's sampler
+(``gptfl_hpc.gen.kinds.audioldm.AudioLDMSampler``: B prompts per call, one torch.Generator per
+clip, per-row guidance, int16 out). Reported in clips/s, at 100 steps (the paper) and 25::
+
+    python benchmarks/bench_synthesis.py --audio --json bench_audio.json      # GPU, ~3-5 min
+    python benchmarks/bench_synthesis.py --audio --device cpu --tiny          # CPU smoke run
 """
 
 from __future__ import annotations
@@ -325,6 +336,146 @@ def run(args) -> list[Case]:
 
 
 # --------------------------------------------------------------------------------------------
+# audio (AudioLDM-S architecture, random weights)
+
+AUDIO_LABELS = ["dog", "rooster", "rain", "sea waves", "crying baby", "clock tick", "sneezing",
+                "helicopter", "chainsaw", "siren"]
+
+
+def build_audioldm(tiny: bool, device: str, dtype):
+    """An AudioLDMPipeline with random weights (AudioLDM-S sizes, or tiny ones)."""
+    import diffusers.utils.logging as dlog
+    import torch
+    from diffusers import AudioLDMPipeline, AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import (
+        ClapTextConfig,
+        ClapTextModelWithProjection,
+        RobertaTokenizer,
+        SpeechT5HifiGan,
+        SpeechT5HifiGanConfig,
+    )
+
+    dlog.set_verbosity_error()
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    from tokenizers import pre_tokenizers
+
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab.setdefault(ch, len(vocab))
+    vocab["<mask>"] = len(vocab)
+    tok = RobertaTokenizer(vocab=vocab, merges=[], model_max_length=77)
+    if tiny:
+        blocks, heads, latent, vae_blocks, text = (16, 32), 8, 4, [8, 16], dict(
+            hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+            projection_dim=16)
+        voc = dict(model_in_dim=4, upsample_initial_channel=16, upsample_rates=[2, 2],
+                   upsample_kernel_sizes=[4, 4], resblock_kernel_sizes=[3],
+                   resblock_dilation_sizes=[[1, 3]])
+        down = ("DownBlock2D", "CrossAttnDownBlock2D")
+    else:  # audioldm-s-full: model_channels 128, channel_mult 1,2,3,5, head dim 32
+        blocks, heads, latent, vae_blocks, text = (128, 256, 384, 640), 32, 8, [128, 256, 512], \
+            dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                 num_hidden_layers=12, projection_dim=512)
+        voc = dict(model_in_dim=64, upsample_initial_channel=1024,
+                   upsample_rates=[5, 4, 2, 2, 2], upsample_kernel_sizes=[16, 16, 8, 4, 4],
+                   resblock_kernel_sizes=[3, 7, 11], resblock_dilation_sizes=[[1, 3, 5]] * 3)
+        down = ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3
+    up = tuple(reversed([d.replace("Down", "Up") for d in down]))
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            block_out_channels=blocks, layers_per_block=1 if tiny else 2, in_channels=latent,
+            out_channels=latent, down_block_types=down, up_block_types=up,
+            cross_attention_dim=blocks, attention_head_dim=[c // heads for c in blocks],
+            class_embed_type="simple_projection",
+            projection_class_embeddings_input_dim=text["projection_dim"],
+            class_embeddings_concat=True, norm_num_groups=8 if tiny else 32).to(dtype)
+        vae = AutoencoderKL(block_out_channels=vae_blocks, in_channels=1, out_channels=1,
+                            down_block_types=["DownEncoderBlock2D"] * len(vae_blocks),
+                            up_block_types=["UpDecoderBlock2D"] * len(vae_blocks),
+                            latent_channels=latent, norm_num_groups=8 if tiny else 32).to(dtype)
+        clap = ClapTextModelWithProjection(ClapTextConfig(
+            bos_token_id=0, eos_token_id=2, pad_token_id=1, vocab_size=len(tok),
+            max_position_embeddings=80, **text)).to(dtype)
+        vocoder = SpeechT5HifiGan(SpeechT5HifiGanConfig(sampling_rate=16000,
+                                                        normalize_before=False, **voc)).to(dtype)
+    sched = DDIMScheduler(beta_start=0.0015, beta_end=0.0195, beta_schedule="scaled_linear",
+                          clip_sample=False, set_alpha_to_one=False)
+    return AudioLDMPipeline(vae=vae, text_encoder=clap, tokenizer=tok, unet=unet,
+                            scheduler=sched, vocoder=vocoder).to(device)
+
+
+def run_audio(args) -> list[Case]:
+    """Clips/s: one clip per call (reference) vs batched calls (gptfl-hpc's sampler)."""
+    import numpy as np
+    import torch
+
+    from gptfl_hpc.gen.base import Task
+    from gptfl_hpc.gen.kinds.audioldm import AudioLDMSampler
+
+    t_start = time.perf_counter()
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    seconds = 0.5 if args.tiny else 5.0
+    steps = [2] if args.tiny else [100, 25]
+    batches = [1, 4] if args.tiny else [8, 16, 32]
+    pipe = build_audioldm(args.tiny, args.device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    task = Task.audio(AUDIO_LABELS, int(seconds * 16000))
+    plan = [Case("reference", 0, s, 1) for s in steps[:1]]
+    plan += [Case("batched", 0, s, b) for s in steps for b in batches]
+    for c in plan:
+        if time.perf_counter() - t_start > args.time_budget:
+            c.skipped = "time budget"
+            continue
+        sampler = AudioLDMSampler(pipe, task=task, steps=c.steps, max_batch=c.batch,
+                                  device=args.device, kind="audioldm")
+
+        def call(offset: int, c=c, sampler=sampler) -> None:
+            labels = (np.arange(c.batch) + offset) % len(AUDIO_LABELS)
+            prompts = [f"a sound of {AUDIO_LABELS[k]}" for k in labels]
+            if c.mode == "reference":  # one clip per call, the pipeline's own output
+                g = torch.Generator(device=args.device).manual_seed(offset)
+                pipe(prompts[0], audio_length_in_s=seconds, num_inference_steps=c.steps,
+                     guidance_scale=args.guidance, generator=g)
+                return
+            sampler(labels, prompts, np.full(c.batch, args.guidance, np.float32),
+                    np.arange(c.batch) + offset)
+
+        sync(args.device)
+        t = time.perf_counter()
+        call(0)
+        sync(args.device)
+        c.warmup_s = time.perf_counter() - t
+        for r in range(args.repeats):
+            sync(args.device)
+            t = time.perf_counter()
+            call(1000 * (r + 1))
+            sync(args.device)
+            c.times.append(time.perf_counter() - t)
+        c.s_per_call = statistics.median(c.times)
+        c.img_s = c.batch / c.s_per_call
+        print(f"# {c.mode:9s} {seconds:.1f} s clips {c.steps:3d} steps batch {c.batch:3d}: "
+              f"{c.img_s:7.3f} clips/s (median {c.s_per_call:.2f} s/call)", flush=True)
+    ref = {c.steps: c.img_s for c in plan if c.mode == "reference" and c.img_s}
+    for c in plan:
+        if c.img_s and c.steps in ref:
+            c.vs_reference = c.img_s / ref[c.steps]
+    return plan
+
+
+def audio_table(plan: list[Case]) -> str:
+    lines = ["| mode | steps | batch | clips/s | s/call | vs one clip per call |",
+             "|---|---|---|---|---|---|"]
+    for c in plan:
+        if c.skipped:
+            lines.append(f"| {c.mode} | {c.steps} | {c.batch} | skipped ({c.skipped}) | | |")
+            continue
+        vs = f"{c.vs_reference:.2f}x" if c.vs_reference else "-"
+        lines.append(f"| {c.mode} | {c.steps} | {c.batch} | {c.img_s:.3f} | "
+                     f"{c.s_per_call:.2f} | {vs} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
 # report
 
 
@@ -410,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-reserve", type=float, default=None,
                     help="seconds the budget must still hold to start compiling (150 on GPU)")
     ap.add_argument("--json", help="write results to this path")
+    ap.add_argument("--audio", action="store_true",
+                    help="text-to-audio (AudioLDM-S architecture) instead of text-to-image")
     args = ap.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
     args.compile = args.compile or ("both" if on_gpu else "off")
@@ -444,6 +597,17 @@ def main(argv: list[str] | None = None) -> int:
     if not on_gpu and not args.tiny:
         print("bench_synthesis: SD 2.1 on a CPU would take hours; add --tiny", file=sys.stderr)
         return 2
+    if args.audio:
+        if args.guidance == 3.0:
+            args.guidance = 2.5  # AudioLDM's default
+        plan = run_audio(args)
+        print()
+        print(audio_table(plan))
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps({
+                "args": vars(args), "results": [asdict(c) for c in plan]}, indent=2) + "\n")
+        return 0
     print(header(args), flush=True)
     plan = run(args)
     print()

@@ -472,10 +472,12 @@ def test_registry_kinds_and_default_call_shapes(generator, tmp_path):
     from gptfl_hpc.config import GenConfig
     from gptfl_hpc.gen.spec import GeneratorSpec
 
-    assert list(registry.GENERATORS) == ["text2image", "dit", "class_conditional"]
+    assert list(registry.GENERATORS) == ["audioldm2", "audioldm", "speecht5", "espeak",
+                                        "text2image", "dit", "class_conditional"]
     for k in registry.GENERATORS.values():
         assert callable(k.detect) and callable(k.check) and callable(k.load)
-    assert registry.families() == ["class_conditional", "text2image"]
+    assert registry.families() == ["class_conditional", "text2audio", "text2image",
+                                   "text2speech"]
     spec = registry.open_generator(generator)
     assert (spec.kind, spec.family) == ("class_conditional", "class_conditional")
     # rows per call: 64 on CPU; on GPU the kind's own (not gen.batch_size=256)
@@ -491,7 +493,7 @@ def test_registry_kinds_and_default_call_shapes(generator, tmp_path):
     dit = dataclasses.replace(t2i, index={"_class_name": "DiTPipeline"}, kind="dit")
     assert engine.synthesis_numerics(GenConfig(), dit, "cuda")["micro_batch"] == 32
     with pytest.raises(ConfigError, match="gen.kind: invalid value 'audio'; valid: auto, "
-                                          "class_conditional, text2image"):
+                       "class_conditional, text2audio, text2image, text2speech"):
         registry.open_generator(generator, "audio")
 
 

@@ -1,13 +1,16 @@
 """The contracts between the synthesis engine and the generator kinds, and what they share.
 
 * :class:`Task` -- what to generate: the class names and the shape and dtype of one sample
-  (images: uint8 ``(H, W, C)``; an audio kind would declare int16 ``(L,)``).
+  (images: uint8 ``(H, W, C)`` in dataset "images"; audio: int16 ``(L,)`` mono waveforms at the
+  dataset's sampling rate in dataset "audio"); :func:`task_for` makes it from a manifest.
 * :class:`Sampler` -- what a kind's ``load`` returns: ``sampler(labels, prompts, guidance,
   seeds) -> (B, *task.sample_shape)`` of ``task.dtype``, row i a function of row i's inputs only.
 * :class:`GeneratorKind` -- one entry of the registry (``gen/registry.py``): detect / check /
   load and the default call shape on GPU. A kind is one module in ``gen/kinds/``.
 * :func:`to_uint8` -- the one float -> uint8 image conversion; it raises :class:`NonFiniteOutput`
   instead of storing NaN/Inf as black, so the engine can regenerate the block in fp32.
+  :func:`to_int16` is its audio twin (float waveforms in [-1, 1] -> int16, cut or padded to the
+  task length, NaN/Inf refused the same way).
 * :func:`resolve_dtype` / :func:`torch_dtype` -- the one gen.dtype resolver.
 * :class:`CallShape` -- fixed-shape model calls, halved once for all later calls when the GPU runs
   out of memory (the one out-of-memory fallback of every generator).
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SAMPLE_DTYPES = ("uint8", "int16")
+DEFAULT_SAMPLE_RATE = 16000
+"""Audio tasks without a rate: 16 kHz (Speech Commands, AudioLDM, SpeechT5, FedAudio)."""
 DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -51,11 +56,27 @@ class Task:
     sample_shape: tuple[int, ...]
     dtype: str = "uint8"
     dataset: str = "images"
+    sample_rate: int = 0
+    """Audio tasks: samples per second of the waveforms (0: 16000, the default rate)."""
 
     @classmethod
     def image(cls, label_names: Sequence[str], out_shape: Sequence[int]) -> Task:
         """uint8 (H, W, C) images, channel-last."""
         return cls(tuple(label_names), tuple(out_shape), "uint8", "images")
+
+    @classmethod
+    def audio(cls, label_names: Sequence[str], length: int, sample_rate: int = 16000) -> Task:
+        """int16 (L,) mono waveforms (full scale 32767) at `sample_rate`."""
+        return cls(tuple(label_names), (int(length),), "int16", "audio", int(sample_rate))
+
+    @classmethod
+    def for_shape(cls, label_names: Sequence[str], shape: Sequence[int],
+                  sample_rate: int = 16000) -> Task:
+        """The task of a dataset's per-sample shape: (H, W, C) -> images, (L,) -> audio."""
+        shape = tuple(int(v) for v in shape)
+        if len(shape) == 1:
+            return cls.audio(label_names, shape[0], sample_rate)
+        return cls.image(label_names, shape)
 
     @property
     def num_classes(self) -> int:
@@ -64,6 +85,10 @@ class Task:
     @property
     def is_image(self) -> bool:
         return self.dataset == "images"
+
+    @property
+    def is_audio(self) -> bool:
+        return self.dataset == "audio"
 
     def check(self) -> None:
         """Validate the task before anything is read or loaded (one-line errors)."""
@@ -78,6 +103,10 @@ class Task:
                                   and self.dtype == "uint8"):
             raise DataError(f"synthesis: out_shape {tuple(shape)} ({self.dtype}); valid: (H, W, C) "
                             "with H, W >= 1 and C in 1, 3, uint8")
+        if self.is_audio and not (ok and len(shape) == 1 and self.dtype == "int16"
+                                  and self.sample_rate >= 0):
+            raise DataError(f"synthesis: audio sample shape {tuple(shape)} ({self.dtype}, "
+                            f"{self.sample_rate} Hz); valid: (L,) with L >= 1, int16")
         if not ok or self.dtype not in SAMPLE_DTYPES:
             raise DataError(f"synthesis: sample shape {tuple(shape)} of {self.dtype}; valid: "
                             f"positive sizes and a dtype in {', '.join(SAMPLE_DTYPES)}")
@@ -93,12 +122,32 @@ def require_images(task: Task, kind: str) -> tuple[int, int, int]:
     return h, w, c
 
 
+def require_audio(task: Task, kind: str) -> tuple[int, int]:
+    """(length, sample rate) of an audio task; ModelError when `kind` cannot make it."""
+    if not task.is_audio:
+        raise ModelError(f"generator kind {kind} makes audio, the task asks for {task.dataset} "
+                         f"{task.sample_shape} of {task.dtype}; valid: a generator of that "
+                         "modality")
+    return int(task.sample_shape[0]), int(task.sample_rate or DEFAULT_SAMPLE_RATE)
+
+
+def task_for(manifest: Any) -> Task:
+    """The synthesis task of a prepared dataset: its label names and per-sample shape; audio
+    datasets (kind "audio") also their sampling rate (manifest ``extra["sample_rate"]``,
+    16000 when absent)."""
+    if getattr(manifest, "kind", "image") == "audio":
+        rate = int((getattr(manifest, "extra", None) or {}).get("sample_rate", 16000))
+        return Task.audio(manifest.label_names, int(manifest.input_shape[0]), rate)
+    return Task.image(manifest.label_names, manifest.input_shape)
+
+
 class Sampler(Protocol):
     """``sampler(labels, prompts, guidance, seeds) -> (B, *task.sample_shape)`` of task.dtype.
 
     Row i depends on (labels[i], prompts[i], guidance[i], seeds[i]) only (the call's other rows
     change at most the last float bits through batched kernels). Raises :class:`NonFiniteOutput`
-    when the model produced NaN/Inf.
+    when the model produced NaN/Inf. Kinds with a speaker table (``GeneratorKind.speakers``)
+    also take ``speakers=`` (int64 (B,), the row of the table that speaks sample i).
     """
 
     kind: str
@@ -127,6 +176,10 @@ class GeneratorKind:
     load: Callable[[GeneratorSpec, Any, Task, Any, str], Sampler]
     call_rows: Callable[[GeneratorSpec], int]
     priority: int = 100
+    speakers: Callable[[GeneratorSpec, Any], int] | None = None
+    """Kinds with a speaker table: ``speakers(spec, gen_cfg)`` = its number of rows (descriptor
+    files only); the plan then draws a speaker per sample (gen/prompts.py) and the sampler gets
+    ``speakers=``. None: no speakers."""
 
 
 def batch_arrays(what: str, labels: Any, guidance: Any, seeds: Any, rows: int | None = None
@@ -199,6 +252,43 @@ def to_uint8(images: Any, out_shape: tuple[int, int, int]) -> np.ndarray:
                              "equal counts, or 1 on either side")
     x = (x.clamp(0.0, 1.0) * 255.0).round_().to(torch.uint8)
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def fit_length(wave: np.ndarray, length: int, align: str = "start") -> np.ndarray:
+    """A 1-d waveform cut or zero-padded to `length` samples. align="start": keep the first
+    `length` samples, pad at the end; "center": keep / place the middle."""
+    wave = np.asarray(wave).reshape(-1)
+    n = len(wave)
+    if align not in ("start", "center"):
+        raise ValueError(f"fit_length: align {align!r}; valid: start, center")
+    if n >= length:
+        a = (n - length) // 2 if align == "center" else 0
+        return wave[a:a + length]
+    out = np.zeros(length, dtype=wave.dtype)
+    a = (length - n) // 2 if align == "center" else 0
+    out[a:a + n] = wave
+    return out
+
+
+def to_int16(waves: Any, length: int, *, align: str = "start") -> np.ndarray:
+    """(B, n) float waveforms in [-1, 1] (torch tensor of any device, numpy array, or a list of
+    1-d arrays of different lengths) -> int16 (B, length) numpy.
+
+    Each row is cut or zero-padded to `length` (:func:`fit_length`), clipped to [-1, 1] and
+    scaled by 32767 with rounding (the inverse of the front end's int16 / 32768 up to one
+    step). Raises NonFiniteOutput when any value is NaN/Inf (a silent clip is never stored in
+    place of a broken one)."""
+    if hasattr(waves, "detach"):
+        waves = waves.detach().float().cpu().numpy()
+    rows = [np.asarray(w, dtype=np.float32).reshape(-1) for w in waves]
+    bad = sum(int(not np.isfinite(r).all()) for r in rows)
+    if bad:
+        raise NonFiniteOutput(bad, len(rows))
+    out = np.empty((len(rows), int(length)), dtype=np.int16)
+    for i, r in enumerate(rows):
+        x = np.clip(fit_length(r, int(length), align), -1.0, 1.0)
+        out[i] = np.rint(x * 32767.0).astype(np.int16)
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -56,8 +56,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 16
 """Images per pipeline call unless gen.micro_batch says otherwise (batch 8-16 at 512-768 px is
-where an H100 reaches ~2x the one-image-per-call throughput, anchors.md); also the default rows
-per engine call on GPU."""
+where an H100 reaches ~2x the one-image-per-call throughput, docs/benchmarks.md); also the
+default rows per engine call on GPU."""
 
 ROW_GUIDANCE_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 """Pipeline classes whose CFG step is `uncond + guidance_scale * (text - uncond)`."""
