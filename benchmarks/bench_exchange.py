@@ -10,9 +10,14 @@ For each rank count it launches ``mpiexec -n R python -m mpi4py benchmarks/bench
   slots), through ``gptfl_hpc.parallel.comm`` (sleepy wait for peers, then the collective);
 - ``gptfl_bcast``: the ``fl.sync=bcast`` variant (Allreduce, server step on rank 0, Bcast);
 - ``raw``: ``Allreduce(IN_PLACE)`` of a preallocated float32 buffer of the same size: the floor;
-- ``flat``: copy the tensors into a contiguous buffer, Allreduce, copy back (anchors.md);
+- ``flat``: copy the tensors into a contiguous buffer, Allreduce, copy back (docs/benchmarks.md);
 - ``easyfl``: the reference simulator's pattern: rank 0 sends the pickled state_dict to each
-  client rank in turn, each sends a pickled dict back, rank 0 sums per key.
+  client rank in turn, each sends a pickled dict back, rank 0 sums per key;
+- ``scaffold`` / ``scaffold_exact``: SCAFFOLD's round exchange, the engine's RoundBuffer with
+  the control-variate part (one more vector the size of the parameters) packed and reduced
+  through ``gptfl_hpc.parallel.comm`` in one Allreduce, float32 and the default exact int64
+  encoding, against ``raw2x`` / ``raw2x_i64``: a raw ``Allreduce(IN_PLACE)`` of a preallocated
+  buffer of the same doubled size and dtype (the target: <= 1.1x).
 
 Each timing is the max over ranks of one exchange, median over --reps repetitions after warm-up.
 """
@@ -35,8 +40,9 @@ def worker(reps: int) -> None:
     from mpi4py import MPI
 
     from gptfl_hpc.config import ModelConfig
-    from gptfl_hpc.parallel.comm import get_comm
+    from gptfl_hpc.fl.aggregate import N_STATS, RoundBuffer
     from gptfl_hpc.fl.params import FlatModel, host_buffer
+    from gptfl_hpc.parallel.comm import get_comm
     from gptfl_hpc.train.models import build_model
 
     torch.set_num_threads(1)
@@ -49,10 +55,28 @@ def worker(reps: int) -> None:
     plain = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
     flat_model = FlatModel(model)
     n = flat_model.numel
-    acc = host_buffer(n + 7 + size)  # the engine's buffer: delta + statistics slots
+    acc = host_buffer(n + N_STATS + size)  # the engine's buffer: delta + statistics slots
     acc_np = acc.numpy()
     raw = np.zeros(n, dtype=np.float32)
     copybuf = np.zeros(n, dtype=np.float32)
+    # SCAFFOLD: [model | control variates (the parameters) | statistics] in one buffer
+    n_params = flat_model.num_params
+    sc32 = RoundBuffer(n, size, "float32", extra=n_params)
+    sc64 = RoundBuffer(n, size, "exact", extra=n_params)
+    raw2 = np.zeros(n + n_params, dtype=np.float32)
+    raw2_64 = np.zeros(n + n_params, dtype=np.int64)
+
+    def scaffold():
+        comm.allreduce_sum_(sc32.pack(rank, 0.0))
+
+    def scaffold_exact():
+        comm.allreduce_sum_(sc64.pack(rank, 0.0))
+
+    def raw2x():
+        world.Allreduce(MPI.IN_PLACE, raw2, op=MPI.SUM)
+
+    def raw2x_i64():
+        world.Allreduce(MPI.IN_PLACE, raw2_64, op=MPI.SUM)
 
     def gptfl():
         comm.allreduce_sum_(acc_np)
@@ -94,7 +118,9 @@ def worker(reps: int) -> None:
             world.send(got, dest=0, tag=2)
 
     methods = [("raw", raw_allreduce), ("gptfl", gptfl), ("gptfl_bcast", gptfl_bcast),
-               ("flat", flat_copy), ("easyfl", easyfl)]
+               ("flat", flat_copy), ("easyfl", easyfl), ("raw2x", raw2x),
+               ("scaffold", scaffold), ("raw2x_i64", raw2x_i64),
+               ("scaffold_exact", scaffold_exact)]
     times: dict[str, list[float]] = {name: [] for name, _ in methods}
     for i in range(reps + 2):  # interleaved, so drifting machine load hits every method alike
         for name, fn in methods:
@@ -107,7 +133,8 @@ def worker(reps: int) -> None:
                 times[name].append(float(dt[0]))
     results = {name: float(np.median(v)) for name, v in times.items()}
     if rank == 0:
-        print("RESULT " + json.dumps({"ranks": size, "numel": n, "mb": n * 4 / 1e6, **results}),
+        print("RESULT " + json.dumps({"ranks": size, "numel": n, "mb": n * 4 / 1e6,
+                                      "scaffold_numel": int(sc32.host.size), **results}),
               flush=True)
 
 
@@ -141,6 +168,18 @@ def driver(args: argparse.Namespace) -> None:
         print(f"| {x['ranks']} | {x['raw']:.4f} | {x['gptfl']:.4f} | {x['gptfl'] / x['raw']:.2f}x "
               f"| {x['gptfl_bcast']:.4f} | {x['flat']:.4f} | {x['easyfl']:.4f} | "
               f"{x['easyfl'] / x['gptfl']:.1f}x | {x['flat'] / x['raw']:.2f}x |")
+    x = rows[0]
+    print(f"\nSCAFFOLD's round exchange: one Allreduce of model + control variates + statistics "
+          f"({x['scaffold_numel']:,} elements: {x['scaffold_numel'] * 4 / 1e6:.1f} MB float32, "
+          f"{x['scaffold_numel'] * 8 / 1e6:.1f} MB exact int64), vs a raw Allreduce of the same "
+          "size and dtype (target <= 1.10x)\n")
+    print("| ranks | raw 2x f32 s | scaffold f32 s | ratio | raw 2x i64 s | scaffold exact s | "
+          "ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for x in rows:
+        print(f"| {x['ranks']} | {x['raw2x']:.4f} | {x['scaffold']:.4f} | "
+              f"{x['scaffold'] / x['raw2x']:.2f}x | {x['raw2x_i64']:.4f} | "
+              f"{x['scaffold_exact']:.4f} | {x['scaffold_exact'] / x['raw2x_i64']:.2f}x |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 

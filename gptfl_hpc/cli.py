@@ -70,10 +70,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gptfl_hpc.fsio import quiet_hdf5_io_echoes
     from gptfl_hpc.log import init_logging
     from gptfl_hpc.numerics import set_process_env
 
     set_process_env()  # before torch is imported (MKL reads it when it loads)
+    quiet_hdf5_io_echoes()
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     # overrides may also come after options: `federate CFG --out D fl.rounds=5`
@@ -105,6 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the file system: a full disk, a read-only or missing path, ...
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         return _fail(args.command, rank, f"{where}{e.strerror or e}", 2)
+    except RuntimeError as e:  # HDF5's failed write on close (a full disk): one line
+        from gptfl_hpc.fsio import io_failure
+
+        reason = io_failure(e)
+        if reason is None:
+            raise
+        return _fail(args.command, rank, f"writing an HDF5 file: {reason}", 2)
     except MemoryError:
         return _fail(args.command, rank, "out of memory (MemoryError); lower the sizes in the "
                      "config (batch sizes, gen.count, data) or use a node with more memory", 2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from gptfl_hpc.errors import ConfigError
 MODEL_NAMES = ("digits_cnn", "convnet", "resnet20", "resnet18", "resnet50", "vgg19",
                "simple_cnn", "audio_crnn", "audio_cnn")
 ALGORITHMS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+"""The server algorithms DP-FedAvg can run with (fl.algorithm also takes scaffold)."""
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 frozen = dataclass(frozen=True, kw_only=True, slots=True)
 
@@ -47,9 +50,11 @@ class RunConfig:
     """torch intra-op threads per rank; 0 = automatic (the rank's share of its CPUs; see
     README "Threads"). With cpu_kernels=invariant the results do not depend on it."""
     cpu_kernels: Literal["invariant", "fast"] = "invariant"
-    """invariant: CPU training kernels whose results do not depend on the thread count, so 1
-    and N ranks (1 and N nodes) train the same weights; fast: oneDNN/NNPACK convolutions
-    (faster ResNets on CPU, results depend on the threads per rank). See gptfl_hpc/numerics.py."""
+    """CPU kernels of FL client training and server pretraining. invariant: results do not
+    depend on the thread count, so 1 and N ranks (1 and N nodes) train the same weights; fast:
+    oneDNN/NNPACK convolutions (faster ResNets on CPU; results depend on the threads per rank).
+    The embedded generator's training always runs on rank 0 alone with the fast kernels. See
+    gptfl_hpc/numerics.py."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: a GPU when one is visible. The server ranks synthesise and pretrain there; FL
     workers train (and the server evaluates) on their node-local GPU."""
@@ -161,12 +166,27 @@ class DataConfig:
     """image_folder only: a CSV file inside data.root with lines `relative/path.jpg,train` (or
     test) that assigns the files of <root>/<class>/ to the splits; empty: none."""
     workers: int = 0
-    """Image-folder sources: decode processes of `prepare` (0 = one per CPU this process may
-    use). The shards are byte-identical for any count."""
+    """Image-folder and audio sources: decode processes of `prepare` (0 = one per CPU this
+    process may use). The shards are byte-identical for any count."""
+    sample_rate: int = 16000
+    """Audio sources: every clip is resampled to this rate (Hz) and mixed down to mono. The
+    log-mel front end (train/audio.py, FedAudio's features) is defined at 16000."""
+    clip_seconds: float = 0.0
+    """Audio sources: every clip is cut or zero-padded to this length (seconds); 0 = the source's
+    default (speech_commands, speech_embedded, audio_folder: 1.0; esc50: 5.0)."""
+    test_fold: int = 0
+    """esc50 only: the fold (1..5) held out as the test set (the clients get a Dirichlet
+    partition of the other four); 0 = fold 5."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.image_size <= 4096, "data.image_size", self.image_size,
                "0 (the source's default) .. 4096")
+        _check(1000 <= self.sample_rate <= 192000, "data.sample_rate", self.sample_rate,
+               "1000 .. 192000 (Hz; the log-mel front end expects 16000)")
+        _check(0.0 <= self.clip_seconds <= 600.0, "data.clip_seconds", self.clip_seconds,
+               "0 (the source's default) .. 600")
+        _check(0 <= self.test_fold <= 5, "data.test_fold", self.test_fold,
+               "0 (fold 5) or a fold 1..5 (esc50)")
         _check(0 <= self.workers <= 4096, "data.workers", self.workers, "0 (auto) .. 4096")
         _check(0.0 <= self.public_fraction < 1.0, "data.public_fraction", self.public_fraction,
                "0 <= x < 1")
@@ -176,9 +196,11 @@ class DataConfig:
         _check(self.min_client_size >= 1, "data.min_client_size", self.min_client_size, ">= 1")
         _check(0.0 < self.train_fraction <= 1.0, "data.train_fraction", self.train_fraction,
                "0 < x <= 1")
-        if self.partition == "natural":
+        if self.partition == "natural" and self.source not in ("speech_commands",
+                                                               "speech_embedded"):
             _check(self.source == "arrays" and bool(self.natural_key), "data.natural_key",
-                   self.natural_key, "the name of a key array in an 'arrays' source")
+                   self.natural_key, "the name of a key array in an 'arrays' source (or "
+                   "data.source=speech_commands / speech_embedded: one client per speaker)")
         if self.source not in EMBEDDED_SOURCES:
             _check(bool(self.root), "data.root", self.root,
                    f"a local path (required for data.source={self.source})")
@@ -365,9 +387,15 @@ class GenConfig:
     generator: str = "embedded"
     """'embedded' (train-generator's output in <out>/generator) or a local diffusers directory
     saved with save_pretrained (download hub models beforehand; nothing is fetched at run time)."""
-    kind: Literal["auto", "class_conditional", "text2image"] = "auto"
-    """auto: model_index.json with a text encoder -> text2image, else class_conditional."""
-    prompt_mode: Literal["class_prompt", "multi_domain"] = "class_prompt"
+    kind: Literal["auto", "class_conditional", "text2image", "text2audio",
+                  "text2speech"] = "auto"
+    """auto: detected from the directory (gen/registry.py): AudioLDM / AudioLDM2 pipelines ->
+    text2audio; SpeechT5 (speecht5_tts + speecht5_hifigan) or an eSpeak NG voice table ->
+    text2speech; model_index.json with a text encoder -> text2image; else class_conditional."""
+    prompt_mode: Literal["class_prompt", "multi_domain", "multi_speaker"] = "class_prompt"
+    """class_prompt: the templates; multi_domain: label x domains; multi_speaker (text2speech):
+    the templates, each sample spoken by a speaker drawn from the generator's whole speaker
+    table (class_prompt speaks with gen.speaker only)."""
     templates: list[str] = field(default_factory=lambda: ["a photo of a {label}"])
     domains: list[str] = field(default_factory=lambda: [
         "photo", "drawing", "painting", "sketch", "collage", "poster", "digital art",
@@ -393,6 +421,13 @@ class GenConfig:
     and every call has exactly this shape (the last block is padded), so a sample's arithmetic
     does not depend on batch_size or the process count: byte-identical sets on CPU. None: 64 on
     CPU, batch_size on GPU. batch_size is rounded up to a multiple of it."""
+    speakers: str = ""
+    """text2speech (SpeechT5): a local file of speaker x-vectors, float (S, 512), as
+    .safetensors (one tensor) or .npy (never pickle); empty: the generator directory's
+    speakers.safetensors or speakers.npy. Row s is speaker s."""
+    speaker: int = 0
+    """text2speech, prompt_mode=class_prompt: the row of the speaker table that speaks every
+    sample (multi_speaker draws one per sample)."""
     train: GenTrainConfig = field(default_factory=GenTrainConfig)
 
     def __post_init__(self) -> None:
@@ -413,6 +448,8 @@ class GenConfig:
                self.domains, "a non-empty list of strings with gen.prompt_mode=multi_domain")
         _check(self.micro_batch is None or 1 <= self.micro_batch <= MAX_BATCH,
                "gen.micro_batch", self.micro_batch, f"1 .. {MAX_BATCH} or null")
+        _check(self.speaker >= 0, "gen.speaker", self.speaker, ">= 0 (a row of the speaker "
+               "table)")
 
 
 @frozen
@@ -436,6 +473,14 @@ class PretrainConfig:
     """auto: bf16 on GPU, no on CPU."""
     channels_last: bool = True
     """GPU only: train in channels_last memory format (faster convolutions); ignored on CPU."""
+    data_path: Literal["auto", "device", "stream"] = "auto"
+    """Where the uint8 synthetic set lives while training. device: on each GPU (one gather per
+    step on the device); stream: one copy in host memory per node (an MPI shared-memory window)
+    from which a background thread gathers each step's rows into pinned memory and copies them
+    to the GPU two steps ahead; auto: device when it fits in the GPU's free memory next to the
+    model, optimizer and activations (measured, with a margin), else stream. On CPU the set is
+    the host copy itself, one per node. Same batches, permutation and augmentation either way:
+    the weights do not depend on it (bitwise on CPU)."""
     init: str | None = None
     """A local .safetensors backbone (e.g. ImageNet weights exported from torchvision) loaded
     before pretraining; a head of another class count is skipped and reported. null: random
@@ -561,11 +606,15 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"config key {key}: invalid value {value!r}; valid: "
                           + ", ".join(str(a) for a in get_args(tp)))
     if origin in (Union, types.UnionType):
+        specific = None
         for arg in get_args(tp):
             try:
                 return _convert(value, arg, key)
-            except ConfigError:
-                continue
+            except ConfigError as e:  # the right type, a bad value: that error, not the type's
+                if specific is None and ": invalid value " in str(e):
+                    specific = e
+        if specific is not None:
+            raise specific
         raise ConfigError(f"config key {key}: expected {_type_name(tp)}, got {value!r}")
     if origin is list:
         if not isinstance(value, list):
@@ -590,6 +639,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                                   f"integer of magnitude <= {limit}")
             return value
     elif tp is float:
+        if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(float(value)):
                 raise ConfigError(f"config key {key}: invalid value {value!r}; valid: a finite "
@@ -746,6 +797,16 @@ def _cross_checks(cfg: Config) -> None:
     fl, data = cfg.fl, cfg.data
     _check(fl.clients_per_round <= data.num_clients, "fl.clients_per_round",
            fl.clients_per_round, f"<= data.num_clients ({data.num_clients})")
+    check_dp_algorithm(cfg.dp, fl)
+
+
+def check_dp_algorithm(dp: Any, fl: Any) -> None:
+    """DP-FedAvg runs with every server algorithm but SCAFFOLD (a one-line error)."""
+    if dp is not None and dp.enabled and fl.algorithm == "scaffold":
+        raise ConfigError("config key dp.enabled: SCAFFOLD's control-variate changes are not "
+                          "clipped or noised, so DP cannot cover them; valid: dp.enabled=false "
+                          "with fl.algorithm=scaffold, or fl.algorithm "
+                          + ", ".join(ALGORITHMS))
 
 
 def to_dict(cfg: Any) -> dict:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,11 +43,46 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException as e:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
-        if isinstance(e, OSError):  # a full disk, a quota, a read-only file system: one line
-            from gptfl_hpc.errors import GptflError
-
-            raise GptflError(f"writing {path}: {e.strerror or e}") from None
+        reason = io_failure(e)
+        if reason:  # a full disk, a quota, a read-only file system: one line
+            raise GptflError(f"writing {path}: {reason}") from None
         raise
+
+
+def quiet_hdf5_io_echoes() -> None:
+    """After a failed HDF5 write (a full disk), h5py's object destructors repeat the failure as
+    "Exception ignored in ... __dealloc__" tracebacks on stderr. The failure itself is raised
+    (and reported on one line, `io_failure`); drop only those echoes, pass everything else on."""
+    previous, previous_except = sys.unraisablehook, sys.excepthook
+
+    def echo(e: BaseException | None, tb: Any) -> bool:
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        where = tb.tb_frame.f_code.co_filename if tb is not None else ""
+        return e is not None and "h5py" in where and io_failure(e) is not None
+
+    def hook(unraisable: Any) -> None:
+        if not echo(unraisable.exc_value, unraisable.exc_traceback):
+            previous(unraisable)
+
+    def except_hook(kind: Any, e: BaseException, tb: Any) -> None:  # Cython prints these first
+        if not echo(e, tb):
+            previous_except(kind, e, tb)
+
+    sys.unraisablehook, sys.excepthook = hook, except_hook
+
+
+def io_failure(e: BaseException) -> str | None:
+    """The operating system's reason when `e` is a failed read or write, else None: an OSError,
+    or the RuntimeError HDF5 raises when a write fails on close ("... errno = 28, error message
+    = 'No space left on device' ...")."""
+    if isinstance(e, OSError):
+        return str(e.strerror or e)
+    if isinstance(e, RuntimeError):
+        m = re.search(r"errno = (\d+)", str(e))
+        if m and int(m.group(1)) > 0:
+            return os.strerror(int(m.group(1)))
+    return None
 
 
 def _fsync_dir(d: Path) -> None:

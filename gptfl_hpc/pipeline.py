@@ -6,7 +6,9 @@
 4. pretrain     downstream model on it (server ranks, DDP)    -> <out>/pretrained.safetensors
 5. federate     GPT-FL: FL initialised from the pretrained model   -> <out>/gptfl/
 6. federate     FedAvg from random init, SAME client sequence       -> <out>/fedavg/
-7. report       report.md, accuracy.png, samples.png (rank 0)
+   (run.algorithms: for each algorithm X, <out>/X-gptfl/ and <out>/X-scratch/ instead)
+7. local_only   every client fine-tunes the pretrained model alone -> <out>/local_only/
+8. report       report.md, accuracy.png, samples.png (rank 0)
 
 Every stage goes through :func:`_stage`: rank 0 locks the stage's directory, computes the stage's
 request (gptfl_hpc/provenance.py) and asks for its status there. A complete output of this
@@ -51,6 +53,25 @@ class Prepared:
     manifest: Any
     dir: Path
     digest: str
+    """Content digest of the whole prepared dataset (its manifest): what FL depends on."""
+
+    @property
+    def task_digest(self) -> str:
+        """What synthesis depends on: the classes, the sample shape and kind, and the private
+        pool's size (gen.volume is relative to it) -- not how the pool is partitioned, so a
+        synthetic set is shared by runs that differ only in data.alpha or data.num_clients."""
+        m = self.manifest
+        return provenance.canonical_digest({"label_names": m.label_names, "kind": m.kind,
+                                           "input_shape": m.input_shape,
+                                           "num_train": m.num_train})
+
+    @property
+    def eval_digest(self) -> str:
+        """What pretraining depends on besides the synthetic set: the test split it reports on
+        and the normalisation (the task too)."""
+        m = self.manifest
+        return provenance.canonical_digest({"task": self.task_digest, "test": m.test.sha256,
+                                           "norm": [m.norm_mean, m.norm_std]})
 
 
 def data_dir_of(cfg: Any, out: Path, req: provenance.Request | None = None) -> Path:
@@ -72,7 +93,9 @@ def _store_lock(cfg: Any) -> dict[str, Any]:
 
 
 def lock(directory: Path, what: str = "--out", wait: float = 0.0) -> None:
-    """Lock `directory` for the rest of this command (rank 0 only; see fsio.DirLock)."""
+    """Lock `directory` for the rest of this command (rank 0 only; see fsio.DirLock). The lock
+    is ``_LOCKS[-1]`` afterwards. Returns None: callers run it through ``on_root``, which
+    broadcasts the result as JSON."""
     from gptfl_hpc.fsio import DirLock
 
     lk = DirLock(directory, what=what, wait=wait)
@@ -90,8 +113,11 @@ def _stage(name: str, comm: Any, directory: Path, req: provenance.Request, *, wh
     t0 = time.perf_counter()
     faults.point(name, comm.rank)
 
+    held: list[Any] = []
+
     def decide() -> str:
         lock(lock_dir or directory, lock_what, lock_wait)
+        held.append(_LOCKS[-1])
         state = provenance.status(directory, req, what=what, outputs=outputs)
         if state == "extend":  # the old record no longer describes what is being written
             provenance.record_path(directory, name).unlink()
@@ -113,6 +139,10 @@ def _stage(name: str, comm: Any, directory: Path, req: provenance.Request, *, wh
                                     **(info or {}), env=provenance.environ_fingerprint())
 
         on_root(comm, commit)
+    if lock_wait and held:
+        # a shared directory (data.dir, run.store): once its output is committed (or found
+        # complete) it never changes, so readers need no lock and the next run may go on
+        held[0].release()
     if signals.stop_requested():  # a stage without internal boundaries honours it here
         from gptfl_hpc.errors import Preempted
 
@@ -142,6 +172,10 @@ def stage_prepare(cfg: Any, out: Path, comm: Any = None) -> Prepared:
 
     comm = comm or get_comm()
     inputs = {"source": provenance.source_identity(cfg.data.root)} if cfg.data.root else {}
+    if cfg.data.source == "speech_embedded":  # the clients' voices are eSpeak NG's output
+        from gptfl_hpc.data.espeak import version
+
+        inputs["espeak"] = version()
     req = provenance.request("prepare", cfg, inputs=inputs)
     d = data_dir_of(cfg, out, req)
 
@@ -167,8 +201,7 @@ def generator_request(cfg: Any, data: Prepared) -> provenance.Request:
                           f"split (data.source=digits); {m.dataset} has none; valid: a local "
                           "diffusers directory")
     return request(cfg.gen.train, public_sha256=m.public.sha256, seed=cfg.run.seed,
-                   label_names=list(m.label_names), image_shape=list(m.input_shape),
-                   cpu_kernels=cfg.run.cpu_kernels)
+                   label_names=list(m.label_names), image_shape=list(m.input_shape))
 
 
 def stage_generator(cfg: Any, out: Path, comm: Any, data: Prepared,
@@ -209,7 +242,9 @@ def stage_generator(cfg: Any, out: Path, comm: Any, data: Prepared,
 
             images, labels = data.manifest.read_public(data.dir)
             device = "cuda" if want_cuda(cfg.run.device) else "cpu"
-            with _server_threads(comm, cfg), training_kernels(cfg.run.cpu_kernels, device):
+            # generator training runs on rank 0 alone, so its thread count does not depend on
+            # the rank count: it uses the fast kernels (invariant ones cost 2.4x on the UNet)
+            with _server_threads(comm, cfg), training_kernels("fast", device):
                 train_generator(cfg.gen.train, images, labels, data.manifest.num_classes,
                                 gen_dir, seed=cfg.run.seed, device=device,
                                 label_names=data.manifest.label_names,
@@ -231,9 +266,11 @@ def stage_synthesize(cfg: Any, out: Path, comm: Any, data: Prepared, generator: 
                      resume: bool = False) -> Output:
     m = data.manifest
     n_total = synthetic_count(cfg, m)
-    inputs = {"data": data.digest, "generator": generator.digest}
+    inputs = {"task": data.task_digest, "generator": generator.digest}
     if cfg.gen.expand_prompts:
         inputs["expand_prompts"] = provenance.digest(cfg.gen.expand_prompts)
+    if getattr(cfg.gen, "speakers", ""):
+        inputs["speakers"] = provenance.digest(cfg.gen.speakers)
     spec = _open_generator(comm, generator.path, cfg.gen.kind)
     from gptfl_hpc.gen.synthesize import synthesis_numerics
     from gptfl_hpc.parallel.accel import want_cuda
@@ -268,7 +305,7 @@ def stage_pretrain(cfg: Any, out: Path, comm: Any, data: Prepared, synthetic: Ou
     from gptfl_hpc.parallel.accel import server_comm
     from gptfl_hpc.train.pretrain import pretrain
 
-    inputs = {"data": data.digest, "synthetic": synthetic.digest}
+    inputs = {"data": data.eval_digest, "synthetic": synthetic.digest}
     if getattr(cfg.pretrain, "init", None):
         inputs["init"] = provenance.digest(cfg.pretrain.init)
     req = provenance.request("pretrain", cfg, inputs=inputs)
@@ -310,12 +347,55 @@ def stage_federate(cfg: Any, run_dir: Path, comm: Any, data: Prepared, init: str
         summary = federate(cfg.fl, cfg.model, cfg.run, manifest=data.manifest,
                            data_dir=data.dir, out_dir=run_dir, init=init,
                            fingerprint=req.fingerprint, resume=resume, comm=comm,
-                           config_yaml=dump_yaml(sub_cfg))
+                           config_yaml=dump_yaml(sub_cfg), dp=cfg.dp)
         return {"final_accuracy": summary["final_accuracy"]} if summary else {}
 
     return _stage("federate", comm, run_dir, req, what="FL results",
                   outputs={"summary": "summary.json", "final": "final.safetensors",
                            "metrics": "metrics.jsonl"}, work=work)
+
+
+def stage_local_only(cfg: Any, run_dir: Path, comm: Any, data: Prepared, init: str) -> Output:
+    """The local-fine-tuning-only control from `init` into `run_dir` (gptfl_hpc/fl/local.py)."""
+    from gptfl_hpc.fl.local import local_only
+
+    inputs = {"data": data.digest}
+    if init != "random":
+        inputs["init"] = provenance.digest(init)
+    req = provenance.request("local_only", cfg, inputs=inputs)
+
+    def work() -> dict:
+        summary = local_only(cfg.fl, cfg.model, cfg.run, manifest=data.manifest,
+                             data_dir=data.dir, out_dir=run_dir, init=init,
+                             fingerprint=req.fingerprint, comm=comm)
+        return {"final_accuracy": summary["final_accuracy"]} if summary else {}
+
+    return _stage("local_only", comm, run_dir, req, what="local-only results",
+                  outputs={"summary": "summary.json"}, work=work)
+
+
+def algorithm_configs(cfg: Any) -> list[tuple[str, Any]]:
+    """(name, config) of every run.algorithms entry: fl.algorithm and dp.enabled set by the
+    name, then the entry's own fl./dp. overrides; validated like a config file (one-line
+    ConfigError naming the entry) before any stage runs."""
+    from gptfl_hpc import config as C
+
+    out = []
+    for entry in cfg.run.algorithms:
+        name, overrides = C.RunConfig.parse_algorithm(entry)
+        algorithm = "fedavg" if name == "dp_fedavg" else name
+        raw = C.to_dict(cfg)
+        raw["run"]["algorithms"] = []
+        try:
+            raw = C.apply_overrides(raw, [f"fl.algorithm={algorithm}",
+                                          f"dp.enabled={str(name == 'dp_fedavg').lower()}",
+                                          *overrides])
+            sub = C._build(C.Config, raw)
+            C._cross_checks(sub)
+        except ConfigError as e:
+            raise ConfigError(f"run.algorithms entry {entry!r}: {e}") from None
+        out.append((name, sub))
+    return out
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -374,22 +454,35 @@ def run_pipeline(cfg: Any, out: str | Path, resume: bool = False, comm: Any = No
     out = Path(out)
     methods = cfg.run.methods
     t0 = time.perf_counter()
+    algorithms = algorithm_configs(cfg)  # every entry validated before any work
     data = data or stage_prepare(cfg, out, comm)
     stages = {"prepare": data}
     pre = None
-    if "gptfl" in methods or "synthetic_only" in methods:
+    if any(m in methods for m in ("gptfl", "synthetic_only", "local_only")):
         gen = stage_generator(cfg, out, comm, data, resume)
         syn = stage_synthesize(cfg, out, comm, data, gen, resume)
         pre = stage_pretrain(cfg, out, comm, data, syn, resume)
         stages.update(generator=gen, synthesize=syn, pretrain=pre)
     results = {}
-    if "gptfl" in methods:
+    # (row, config, init): the single fl.algorithm as gptfl/fedavg, or X-gptfl/X-scratch per X
+    runs = [(f"{name}-{kind}", sub, init) for name, sub in algorithms
+            for kind, init in (("scratch", "random"), ("gptfl", "pretrained"))
+            if (kind == "gptfl" and "gptfl" in methods) or
+            (kind == "scratch" and "fedavg" in methods)] if algorithms else \
+        [(m, cfg, "pretrained" if m == "gptfl" else "random") for m in ("gptfl", "fedavg")
+         if m in methods]
+    for row, sub, init in runs:
+        if init == "pretrained":
+            assert pre is not None
+            init = str(pre.path)
+        stages[row] = stage_federate(sub, out / row, comm, data, init, resume)
+        results[row] = out / row
+    local = None
+    if "local_only" in methods:
         assert pre is not None
-        stages["gptfl"] = stage_federate(cfg, out / "gptfl", comm, data, str(pre.path), resume)
-        results["gptfl"] = out / "gptfl"
-    if "fedavg" in methods:
-        stages["fedavg"] = stage_federate(cfg, out / "fedavg", comm, data, "random", resume)
-        results["fedavg"] = out / "fedavg"
+        stages["local_only"] = stage_local_only(cfg, out / "local_only", comm, data,
+                                                str(pre.path))
+        local = out / "local_only"
     comm.barrier()
     if comm.rank != 0:
         return None
@@ -400,6 +493,8 @@ def run_pipeline(cfg: Any, out: str | Path, resume: bool = False, comm: Any = No
              if isinstance(v, Output)}
     report = write_report(cfg, out, data.manifest, data.dir, results,
                           read_json(pre.path.parent / "pretrained.json") if pre else None, times,
-                          synthetic=stages["synthesize"].path if pre else None)
+                          synthetic=stages["synthesize"].path if pre else None,
+                          local_only=read_json(local / "summary.json") if local else None,
+                          algorithms=[name for name, _ in algorithms])
     log.info("run finished in %.1fs; report in %s", time.perf_counter() - t0, out / "report.md")
     return report

@@ -57,10 +57,10 @@ STAGES = ("prepare", "generator", "synthesize", "pretrain", "federate", "local_o
 # fields listed in INPUT_FIELDS or NO_EFFECT are taken out of a "*" again).
 STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "prepare": ("run.seed", "data.*"),
-    "generator": ("run.seed", "run.cpu_kernels", "gen.train.*"),
+    "generator": ("run.seed", "gen.train.*"),
     "synthesize": ("run.seed", "gen.kind", "gen.prompt_mode", "gen.templates", "gen.domains",
                    "gen.guidance", "gen.steps", "gen.scheduler", "gen.compile",
-                   "gen.channels_last"),
+                   "gen.channels_last", "gen.speaker"),
     "pretrain": ("run.seed", "run.cpu_kernels", "pretrain.*", "model.*", "fl.augment"),
     "federate": ("run.seed", "run.cpu_kernels", "model.*", "fl.*", "dp.*"),
     # the local-fine-tuning control: every client runs the FL client procedure for fl.rounds
@@ -78,6 +78,8 @@ INPUT_FIELDS: dict[str, str] = {
                      "the generator stage's output)",
     "gen.expand_prompts": "synthesize: content fingerprint of the prompt-expansion model "
                           "directory",
+    "gen.speakers": "synthesize: content digest of the speaker x-vector file (empty: the "
+                    "generator directory's own, inside its fingerprint)",
     "fl.init": "federate: content digest of the init checkpoint ('random': none)",
     "pretrain.init": "pretrain: content digest of the backbone checkpoint (null: none)",
 }
@@ -95,6 +97,10 @@ NO_EFFECT: dict[str, str] = {
     "run.server_processes": "pretraining uses the same global batch and augmentation draws at "
                             "any process count (DDP changes the float summation order only); "
                             "synthesis is byte-identical for any process count",
+    "pretrain.data_path": "where the synthetic set lives while pretraining (on the device or "
+                          "streamed from one host copy per node); the same batches, permutation "
+                          "and augmentation draws either way, bitwise the same weights on CPU "
+                          "(tests/test_pretrain.py)",
     "data.dir": "where the prepared data lives; its content digest is the downstream input",
     "data.workers": "how many processes decode the images; each file is decoded on its own, so "
                     "the shards are byte-identical for any count (tests/test_images.py)",
@@ -229,6 +235,11 @@ def request(stage: str, cfg: Any, *, inputs: dict[str, str] | None = None,
 
 # ------------------------------------------------------------------------------ digests
 
+
+def canonical_digest(obj: Any) -> str:
+    """Digest of a JSON-able value (for derived inputs such as a dataset's task description)."""
+    return hashlib.sha256(canonical(obj).encode()).hexdigest()
+
 _DIGEST_CACHE: dict[tuple[str, int, int], str] = {}
 
 
@@ -297,23 +308,27 @@ def _h5_digest(p: Path) -> str:
     return h.hexdigest()
 
 
+SOURCE_HASH_LIMIT = 256 << 20
+"""Source trees up to this many bytes are identified by their content; larger ones (image
+folders of tens of GB, read again by every run that checks them) by names, sizes and
+modification times, as make and rsync do."""
+
+
 def source_identity(root: str | Path) -> str:
-    """Identity of a user's source data (a file or a directory tree): relative names, sizes and
-    modification times, plus the bytes of every file under 64 MiB. Cheap for large image
-    folders, and any edit, addition or removal changes it."""
+    """Identity of a user's source data (a file or a directory tree): every file's relative name
+    and size, plus the bytes of every file when the tree is small (<= SOURCE_HASH_LIMIT) and the
+    modification times when it is large. Any edit, addition or removal changes it."""
     p = Path(root).expanduser()
     if not p.exists():
         return "missing:" + str(p)
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    h = hashlib.sha256(b"source\0")
-    for f in files:
-        st = f.stat()
+    stats = [(f, f.stat()) for f in files]
+    by_content = sum(st.st_size for _, st in stats) <= SOURCE_HASH_LIMIT
+    h = hashlib.sha256(b"source\0content\0" if by_content else b"source\0stat\0")
+    for f, st in stats:
         rel = f.name if f == p else f.relative_to(p).as_posix()
         h.update(f"{rel}\0{st.st_size}\0".encode())
-        if st.st_size < 64 << 20:
-            h.update(digest(f).encode())
-        else:
-            h.update(str(st.st_mtime_ns).encode())
+        h.update((digest(f) if by_content else str(st.st_mtime_ns)).encode())
     return h.hexdigest()
 
 

@@ -7,13 +7,19 @@
 #          -> slurmctld -> one slurmd per node
 #
 # Nodes: the first is named `hostname -s`; with SLURM_CI_NODES=N > 1 the nodes n2..nN are
-# emulated on this same host (one slurmd each, own port, spool and config dir; Debian's Slurm is
-# built with MULTIPLE_SLURMD). Partitions: "debug" (default) = the first node only, so
-# single-node jobs always land on the node named after the host; "multi" = all nodes, for
-# multi-node jobs (sbatch -p multi -N 2 ...). The first node keeps the host's name because the
-# Open MPI 5 wheel aborts in MPI_Init under srun --mpi=pmix when 3+ ranks share an emulated node
-# whose name is not the hostname (shared/reference/slurm-local.md, failure 12); 2 ranks per
-# emulated node work.
+# emulated on this same host (one slurmd each, own port, spool, config dir and PMIx tmpdir;
+# Debian's Slurm is built with MULTIPLE_SLURMD). Partitions: "debug" (default) = the first node
+# only, so single-node jobs always land on the node named after the host; "multi" = all nodes,
+# for multi-node jobs (sbatch -p multi -N 2 ...).
+#
+# An emulated node must also look like its own host to PMIx. The PMIx server inside each
+# slurmstepd names "its" node by the hostname it sees, and tells its clients that name
+# (PMIX_HOSTNAME); Slurm registers the node-level data (local peers, local size, ...) under the
+# Slurm node name. On n2 the two differ ("vm" vs "n2") unless slurmd runs with
+# PMIX_HOSTNAME=<node name>: then Open MPI on n2 finds no local peers, treats ranks on its own
+# node as remote (MPI_COMM_TYPE_SHARED gives size 1 there while the host node gives 2), and with
+# 3+ ranks on n2 aborts in MPI_Init. So every slurmd starts with a clean environment plus
+# PMIX_HOSTNAME=<its node name> (on the host node that is the real hostname anyway).
 #
 # Idempotent: installs only missing packages, reuses daemons that already answer, and prints one
 # line when the cluster is up. Every daemon it starts has its PID recorded in $SLURM_CI_RUN so
@@ -207,16 +213,24 @@ if ! scontrol ping 2>/dev/null | grep -q UP; then
   savepid /run/slurmctld.pid slurmctld
 fi
 for n in "${NAMES[@]}"; do
-  running "slurmd-$n" && continue
+  if running "slurmd-$n"; then
+    # started by an older version of this script (without its node's PMIx hostname): restart
+    tr '\0' '\n' < "/proc/$(cat "$RUN/slurmd-$n.pid")/environ" 2>/dev/null \
+      | grep -qx "PMIX_HOSTNAME=$n" && continue
+    stop_ours "slurmd-$n"
+  fi
   rm -f "/run/slurmd-$n.pid"
-  slurmd -N "$n" -f "/etc/slurm-$n/slurm.conf"
+  # clean environment: nothing from the caller (OMPI_*, PMIX_MCA_*, TMPDIR, ...) reaches the
+  # daemon or the PMIx server in its slurmstepd; PMIX_HOSTNAME: see the header
+  env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 PMIX_HOSTNAME="$n" \
+    slurmd -N "$n" -f "/etc/slurm-$n/slurm.conf"
   savepid "/run/slurmd-$n.pid" "slurmd-$n"
 done
 for _ in $(seq 150); do
   [ -z "$(sinfo -h -N -o %T 2>/dev/null | grep -vx idle)" ] && break; sleep 0.2
 done
 if [ -n "$(sinfo -h -N -o %T | grep -vx idle)" ]; then
-  sinfo -N >&2; tail -n 20 "$LOG"/slurmctld.log "$LOG"/slurmd.log >&2
+  sinfo -N >&2; tail -n 20 "$LOG"/slurmctld.log "$LOG"/slurmd-*.log >&2
   die "nodes did not become idle"
 fi
 echo "slurm-up: ready in $(( $(date +%s) - t0 ))s: $(sinfo -h -o '%P: %D node(s) %N, %c CPUs, %m MB' | paste -sd ';' | sed 's/;/; /g'), accounting slurmdbd, srun --mpi: $(srun --mpi=list 2>&1 | grep -o 'pmix\b' | head -1 || echo none)"

@@ -48,32 +48,45 @@ def test_local_placement_tells_emulated_slurm_nodes_apart():
 @pytest.mark.parametrize("local_rank,gpus,want", [(0, 4, "cuda:0"), (3, 4, "cuda:3"),
                                                   (5, 4, "cuda:1"), (2, 1, "cuda:0")])
 def test_gpu_binding_uses_the_node_local_rank(monkeypatch, local_rank, gpus, want):
-    """Each rank takes GPU (node-local rank mod visible GPUs): with srun --gpus-per-task=1 every
-    rank sees one GPU (cuda:0); with --gpus-per-node the ranks of a node spread over them."""
+    """Each rank takes GPU (node-local rank mod visible GPUs), made current: with srun
+    --gpus-per-task=1 every rank sees one GPU (cuda:0); with --gpus-per-node the ranks of a node
+    spread over them."""
     import torch
 
     from gptfl_hpc.config import load_config
     from gptfl_hpc.fl.engine import fl_device
 
+    current = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
     comm = type("Comm", (), {"local_rank": local_rank})()
     cfg = load_config(REPO / "configs/tiny.yaml")
     assert str(fl_device(cfg.run, comm)) == want
+    assert current == [int(want.split(":")[1])]
     cpu = load_config(REPO / "configs/tiny.yaml", ["run.device=cpu"])
     assert str(fl_device(cpu.run, comm)) == "cpu"
 
 
-@pytest.mark.parametrize("cpus,sharers,threads", [
-    (16, 16, 1),   # unbound, 16 ranks on a 16-core node
-    (16, 4, 4),    # unbound, 4 ranks
-    (4, 1, 4),     # srun --cpus-per-task=4 with task binding: each rank its own 4 cores
-    (8, 8, 1),     # Open MPI's default above 2 ranks: bound per socket, 8 ranks on 8 cores
-    (2, 3, 1),     # more ranks than cores: at least one thread
+@pytest.mark.parametrize("cpus,rank,size,sharers,client,server", [
+    (16, 3, 16, list(range(16)), 1, 1),   # unbound, 16 ranks on a 16-core node
+    (16, 1, 4, [0, 1, 2, 3], 5, 4),       # unbound, 4 ranks: the sleeping server's share
+                                          # goes to the 3 client ranks
+    (2, 1, 2, [0, 1], 2, 1),              # mpiexec -n 2 on 2 cores: the one client rank
+                                          # gets both (it used to get one)
+    (2, 0, 1, [0], 2, 2),                 # one process plays both roles
+    (4, 5, 8, [5], 4, 4),                 # srun --cpus-per-task=4, task binding
+    (8, 2, 8, list(range(8)), 1, 1),      # bound per socket, 8 ranks on 8 cores
+    (2, 1, 3, [0, 1, 2], 1, 1),           # more ranks than cores: at least one thread
 ])
-def test_torch_threads_share_the_bound_cpus(monkeypatch, cpus, sharers, threads):
-    import gptfl_hpc.parallel.comm as comm
-    from gptfl_hpc.fl.engine import cores_per_rank
+def test_torch_threads_go_to_the_ranks_that_compute(monkeypatch, cpus, rank, size, sharers,
+                                                    client, server):
+    import gptfl_hpc.parallel.comm as comm_mod
+    from gptfl_hpc.config import RunConfig
+    from gptfl_hpc.fl.engine import threads_for
 
-    monkeypatch.setattr(comm, "cpu_affinity", lambda: list(range(cpus)))
-    assert cores_per_rank(sharers) == threads
+    monkeypatch.setattr(comm_mod, "cpu_affinity", lambda: list(range(cpus)))
+    comm = type("Comm", (), {"rank": rank, "size": size, "sharers": sharers})()
+    assert threads_for(RunConfig(), comm, "client") == client
+    assert threads_for(RunConfig(), comm, "server") == server
+    assert threads_for(RunConfig(threads=3), comm, "client") == 3  # run.threads wins

@@ -18,12 +18,19 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.fl.rounds == 7 and cfg.fl.client_lr == 0.5 and cfg.run.seed == 3
     cfg = load_config("configs/digits.yaml", ["fl.rounds=50", "gen.guidance=[1, 5]"])
     assert cfg.fl.rounds == 50 and cfg.gen.guidance == [1.0, 5.0]
+    # YAML 1.1 reads 1e-3 (no dot) as a string: float keys take it, in files and overrides
+    cfg = load_config(write(tmp_path, "fl: {server_lr: 1e-3}\n"), ["fl.client_lr=5e-2"])
+    assert cfg.fl.server_lr == 0.001 and cfg.fl.client_lr == 0.05
 
 
 @pytest.mark.parametrize("text,over,match", [
     ("fl: {roundz: 3}\n", [], r"fl\.roundz: unknown key in fl; valid: algorithm, rounds"),
     ("flx: {}\n", [], r"flx: unknown key in top level; valid: run, data"),
     ("", ["fl.rounds=abc"], r"fl\.rounds: expected int, got 'abc'"),
+    ("", ["fl.rounds=1e3"], r"fl\.rounds: expected int, got '1e3'"),
+    ("", ["fl.client_lr=1e-3x"], r"fl\.client_lr: expected float, got '1e-3x'"),
+    ("", ["fl.algorithm=scaffold", "dp.enabled=true"], r"dp\.enabled: SCAFFOLD.*valid: "
+                                                         r"dp\.enabled=false"),
     ("", ["fl.rounds=0"], r"fl\.rounds: invalid value 0; valid: >= 1"),
     ("", ["fl.algorithm=fedsgd"], r"fl\.algorithm: invalid value 'fedsgd'; valid: fedavg, fedprox"),
     ("", ["model.name=vgg"], r"model\.name: invalid value 'vgg'; valid: " + ", ".join(MODEL_NAMES)),

@@ -9,6 +9,7 @@ With fl.aggregation=float32 the same runs agree to ~1e-7 (the float32 summation 
 """
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -330,3 +331,102 @@ def test_init_checkpoint_must_fit(data_dir, tmp_path):
                  check=False, n=3)
     assert_fails_fast(p, t, "tensor fc1.bias has NaN/Inf values")
     assert not (tmp_path / "o2" / "final.safetensors").exists()
+
+
+# ---- secure-aggregation compatibility: which buffers cross MPI --------------------------------
+
+AUDIT_DRIVER = r"""
+import json, os, sys
+import numpy as np
+from gptfl_hpc.parallel import comm as C
+calls = []
+PUBLIC = sorted(n for n, v in vars(C.MPIComm).items() if not n.startswith("_") and callable(v))
+
+def wrap(name):
+    orig = getattr(C.MPIComm, name)
+    def f(self, *a, **k):
+        e = {"op": name}
+        if a and isinstance(a[0], np.ndarray):
+            e["nbytes"], e["dtype"] = int(a[0].nbytes), a[0].dtype.str
+        if name in ("bcast_", "bcast_json"):
+            e["root"] = int(k.get("root", a[1] if len(a) > 1 else 0))
+        calls.append(e)
+        return orig(self, *a, **k)
+    setattr(C.MPIComm, name, f)
+
+for n in PUBLIC:
+    if n not in ("abort", "free", "barrier", "wait_for_peers"):
+        wrap(n)
+from gptfl_hpc.cli import main
+rc = main(sys.argv[2:])
+rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+with open(os.path.join(sys.argv[1], f"rank-{rank}.json"), "w") as f:
+    json.dump({"calls": calls, "public": PUBLIC}, f)
+sys.exit(rc)
+"""
+
+
+@pytest.mark.parametrize("algorithm", ["scaffold", "dp_fedavg"])
+def test_only_sums_cross_mpi_from_client_ranks(data_dir, tmp_path, algorithm):
+    """What the server can see of the clients, audited on every rank of a 3-rank run: the
+    communication layer has no point-to-point or gather of buffers at all; every broadcast comes
+    from rank 0 (server -> clients); the clients' only contribution per round is ONE in-place
+    Allreduce(SUM) of the round buffer (SCAFFOLD: model + control-variate parts, twice the
+    model; DP: the clipped updates), i.e. a sum that secure aggregation could compute; the only
+    other client-to-all message is the start-up placement metadata (allgather of node, device,
+    thread count: no client data)."""
+    from helpers import run_py
+
+    from gptfl_hpc.fl.aggregate import N_STATS
+
+    over = (["fl.algorithm=scaffold", "fl.client_optimizer=sgd"] if algorithm == "scaffold"
+            else ["dp.enabled=true", "dp.noise_multiplier=0.1"])
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    out = tmp_path / "o"
+    p = run_py(["-c", AUDIT_DRIVER, str(audit), "federate", TINY, "--out", str(out),
+                f"data.dir={data_dir}", "fl.rounds=2", *over], n=3, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    numel = sum(t.numel() for t in weights(out).values())  # digits_cnn: all parameters
+    vec = 2 * numel if algorithm == "scaffold" else numel
+    logs = {r: json.loads((audit / f"rank-{r}.json").read_text()) for r in range(3)}
+    assert set(logs[0]["public"]) <= {"allgather_json", "allreduce_max_", "allreduce_sum_",
+                                      "barrier", "bcast_", "bcast_json", "split",
+                                      "wait_for_peers", "abort", "free", "host_array"}
+    for r, log in logs.items():
+        ops = [c["op"] for c in log["calls"]]
+        assert set(ops) <= {"allgather_json", "allreduce_sum_", "bcast_", "bcast_json"}, ops
+        assert all(c["root"] == 0 for c in log["calls"] if c["op"].startswith("bcast")), r
+        reduces = [c for c in log["calls"] if c["op"] == "allreduce_sum_"]
+        assert [(c["nbytes"], c["dtype"]) for c in reduces] == \
+            [(8 * (vec + N_STATS + 3), "<i8")] * 2, (r, reduces)
+        assert ops.count("allgather_json") == 2, (r, ops)  # MPI start-up + placement
+
+
+def test_run_algorithm_entries_are_validated_up_front():
+    """run.algorithms: the name sets fl.algorithm / dp.enabled, the entry's own overrides apply
+    to that algorithm only, and a bad entry is a one-line error naming it before any stage."""
+    from gptfl_hpc.config import load_config
+    from gptfl_hpc.errors import ConfigError
+    from gptfl_hpc.pipeline import algorithm_configs
+
+    cfg = load_config(TINY, ["dp.enabled=true", "run.algorithms=[fedavg, "
+                             "\"fedadam(fl.server_lr=0.001 fl.server_beta1=0.8)\", scaffold, "
+                             "\"dp_fedavg(dp.clip_norm=0.05)\"]"])
+    got = {name: sub for name, sub in algorithm_configs(cfg)}
+    assert list(got) == ["fedavg", "fedadam", "scaffold", "dp_fedavg"]
+    assert (got["fedavg"].fl.algorithm, got["fedavg"].dp.enabled) == ("fedavg", False)
+    assert got["fedadam"].fl.server_lr == 0.001 and got["fedadam"].fl.server_beta1 == 0.8
+    assert got["scaffold"].fl.server_lr == cfg.fl.server_lr  # overrides stay in their entry
+    assert got["dp_fedavg"].dp.enabled and got["dp_fedavg"].dp.clip_norm == 0.05
+    assert all(not sub.run.algorithms for sub in got.values())
+    for entry, needle in (("fedadam(fl.server_lr=-1)", "fl.server_lr"),
+                          ("dp_fedavg(dp.clip_norm=0)", "dp.clip_norm"),
+                          ("fedavg(fl.clients_per_round=99)", "fl.clients_per_round")):
+        bad = load_config(TINY, [f"run.algorithms=[\"{entry}\"]"])
+        with pytest.raises(ConfigError, match=rf"run.algorithms entry '{re.escape(entry)}'.*"
+                                              f"{re.escape(needle)}"):
+            algorithm_configs(bad)
+    for entry in ("fedx", "fedadam(data.alpha=1)", "dp_fedavg(dp.enabled=false)"):
+        with pytest.raises(ConfigError, match="config key run.algorithms"):
+            load_config(TINY, [f"run.algorithms=[\"{entry}\"]"])

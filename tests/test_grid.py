@@ -326,7 +326,11 @@ def test_slurm_array_grid(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------ paper configs
 
 
-PAPER = sorted((REPO / "configs" / "paper").glob("*.yaml"))
+# the image configs; the audio ones (esc50-audioldm, speech_commands-speecht5) use other
+# reference settings and are checked in tests/test_speech_run.py
+AUDIO_PAPER = ("esc50-audioldm", "speech_commands-speecht5")
+PAPER = sorted(p for p in (REPO / "configs" / "paper").glob("*.yaml")
+               if p.stem not in AUDIO_PAPER)
 
 
 @pytest.mark.parametrize("path", PAPER, ids=[p.stem for p in PAPER])

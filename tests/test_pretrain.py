@@ -560,7 +560,7 @@ def test_stage_frees_its_models_then_returns_gpu_memory(digits, tmp_path, monkey
 
     monkeypatch.setattr(pt, "release_device_memory", mocked_release)
     signals.reset()
-    with caplog.at_level("INFO", logger="gptfl_hpc.train.pretrain"):
+    with caplog.at_level("INFO", logger="gptfl_hpc.parallel.accel"):
         _run(digits, tmp_path / "out", cfg=PretrainConfig(epochs=1, batch_size=32))
     assert len(alive) == 3  # the model, rank 0's evaluation copy, the optimizer
     assert calls == [[False, False, False]]

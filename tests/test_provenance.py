@@ -40,7 +40,7 @@ FIELDS = _fields_of(Config)
 # a valid changed value for each field whose type alone does not suggest one
 SPECIAL = {
     "model.name": "convnet", "data.source": "arrays", "data.root": "/tmp/x.npz",
-    "data.dir": "/tmp/prepared",
+    "data.dir": "/tmp/prepared", "run.store": "/tmp/store", "run.rendezvous": "ib0",
     "data.partition": "iid", "data.natural_key": "k", "gen.generator": "/tmp/gen",
     "gen.expand_prompts": "/tmp/gpt2", "fl.init": "/tmp/i.safetensors",
     "pretrain.init": "/tmp/b.safetensors", "gen.guidance": [1.0, 5.0],
@@ -51,6 +51,8 @@ SPECIAL = {
     "gen.micro_batch": 32, "slurm.partition": "p", "slurm.account": "a", "slurm.qos": "q",
     "slurm.mem": "8G", "run.server_processes": 1, "fl.target_accuracy": 0.5,
     "data.test_size": 100.0, "data.public_fraction": 0.2, "data.train_fraction": 0.5,
+    "run.algorithms": ["fedavg", "scaffold"], "dp.target_epsilon": 8.0,
+    "dp.clipped_count_stddev": 1.0,
 }
 
 

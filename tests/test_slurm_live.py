@@ -2,7 +2,9 @@
 
 They skip, with the reason, only when Slurm cannot be used: no `sinfo` on PATH, or the
 controller does not answer `scontrol ping`. Each test has a hard timeout; jobs are cancelled
-when a test gives up on them. Jobs get this process's environment (sbatch --export=ALL), with
+when a test gives up on them, and every job a test submitted must be over within 60 s after the
+test (no_job_outlives_its_test), so that no test's job runs next to another test's. Jobs get
+this process's environment (sbatch --export=ALL), with
 the venv first on PATH and the Open MPI settings of tests/helpers.py (root, oversubscription, no
 binding: the test node advertises more CPUs than it has).
 """
@@ -54,6 +56,39 @@ def job_env():
         pytest.skip(reason)
     venv_bin = str(Path(sys.executable).parent)
     return env(PATH=f"{venv_bin}:{os.environ['PATH']}")
+
+
+LIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "COMPLETING",
+        "CONFIGURING", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT"}
+
+
+def live_jobs_under(base: Path) -> dict[str, str]:
+    """{job id: state} of the jobs that are not over and write their output under ``base``."""
+    p = subprocess.run(["scontrol", "-o", "show", "jobs"], capture_output=True, text=True,
+                       timeout=30)
+    jobs = {}
+    for line in p.stdout.splitlines():
+        info = dict(re.findall(r"(\w+)=(\S*)", line))
+        if info.get("JobState") in LIVE and info.get("StdOut", "").startswith(str(base)):
+            jobs[info["JobId"]] = info["JobState"]
+    return jobs
+
+
+@pytest.fixture(autouse=True)
+def no_job_outlives_its_test(job_env, tmp_path_factory):
+    """Every job a test submits must be over (not running, not requeued) within 60 s after the
+    test: a leftover job would load the node and share it with the next tests' jobs. Leftovers
+    are cancelled and fail the test."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(live_jobs_under(base))
+    yield
+    deadline = time.monotonic() + 60
+    while (left := {j: s for j, s in live_jobs_under(base).items() if j not in before}) \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    if left:
+        subprocess.run(["scancel", *left], timeout=30)
+        pytest.fail(f"job(s) outlived the test that submitted them (now cancelled): {left}")
 
 
 def sbatch(job_env, log: Path, *args: str, **variables: str) -> str:
@@ -236,7 +271,7 @@ def test_submitit_three_rank_job_returns_summary(submit_env, data_dir, tmp_path,
     print(f"submitit 3-rank federate: {time.monotonic() - t0:.0f}s")
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(300)
 def test_killed_submitit_job_is_reported_failed_not_hung(submit_env, data_dir, tmp_path,
                                                          monkeypatch):
     from gptfl_hpc.launch import submit
@@ -245,13 +280,21 @@ def test_killed_submitit_job_is_reported_failed_not_hung(submit_env, data_dir, t
     out = tmp_path / "out"
     job = submit(TINY, out, command="federate", cluster="slurm", tasks_per_node=3, time="10",
                  overrides=[f"data.dir={data_dir}", "fl.rounds=500"])
-    wait_for(lambda: job_info(job.job_id).get("JobState") == "RUNNING", 60, "the job to start")
-    time.sleep(3)
+    # cancel it mid-run: the app has its signal handlers and is between two round boundaries
+    wait_for(lambda: rounds_written(out) >= 1, 90, "the first round of metrics")
     subprocess.run(["scancel", job.job_id], check=True, timeout=30)
     t0 = time.monotonic()
     with pytest.raises(JobFailed, match=rf"job {job.job_id} failed: .*CANCELLED"):
         rank0_result(job)
     assert time.monotonic() - t0 < 90
+    # and it stays cancelled: the app stops at a boundary on the SIGTERM (exit 124), but that
+    # must not requeue the job (it did: the "killed" job came back and ran 500 rounds next to
+    # the following tests' jobs)
+    wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", job.job_id], capture_output=True,
+                                        text=True, timeout=30).stdout.strip(),
+             60, f"job {job.job_id} to leave the queue")
+    info = job_info(job.job_id)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
     assert not (out / "summary.json").exists()
     print(f"cancelled job reported failed after {time.monotonic() - t0:.0f}s")
 
@@ -292,6 +335,68 @@ def two_nodes(job_env):
         pytest.skip("no partition 'multi' with 2 nodes: bring Slurm up with SLURM_CI_NODES=2 "
                     "scripts/slurm-up.sh")
     return ["-p", "multi"]
+
+
+@pytest.fixture(scope="module")
+def emulated_node(two_nodes) -> str:
+    """A node of 'multi' that is not in 'debug' (scripts/slurm-up.sh: n2, emulated on this host)."""
+    def nodes(part: str) -> set[str]:
+        p = subprocess.run(["sinfo", "-h", "-N", "-p", part, "-o", "%N"], capture_output=True,
+                           text=True, timeout=30)
+        return set(p.stdout.split())
+
+    emulated = sorted(nodes("multi") - nodes("debug"))
+    if not emulated:
+        pytest.skip("every node of 'multi' is also in 'debug': no emulated node")
+    return emulated[-1]
+
+
+NODE_VIEW = """
+import json, os
+from mpi4py import MPI
+w = MPI.COMM_WORLD
+shared = w.Split_type(MPI.COMM_TYPE_SHARED)
+print("NODE_VIEW " + json.dumps({"rank": w.Get_rank(), "size": w.Get_size(),
+      "node": os.environ["SLURMD_NODENAME"], "shared": shared.Get_size(),
+      "lib": MPI.Get_library_version().split()[0]}), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mpi", ["openmpi", "mpich"])
+@pytest.mark.parametrize("shape", ["2nodes-2x2", "emulated-node-3"])
+def test_mpi_sees_the_nodes_slurm_placed_it_on(job_env, emulated_node, shape, mpi, tmp_path):
+    """MPI_COMM_TYPE_SHARED groups exactly the ranks that share a Slurm node, on the emulated
+    node too. Without PMIX_HOSTNAME=<node name> for its slurmd (scripts/slurm-up.sh), Open MPI
+    on n2 finds no local peers: each rank there sees a node of its own (size 1, while the
+    host's node sees 2) and reaches its node-mates over TCP, and 3 ranks on n2 abort in
+    MPI_Init."""
+    e = dict(job_env)
+    if mpi == "mpich":
+        lib = os.environ.get("GPTFL_TEST_MPICH", str(REPO / ".venv/mpich/lib/libmpi.so.12"))
+        if not Path(lib).is_file():
+            pytest.skip(f"no MPICH library at {lib}")
+        e["MPI4PY_LIBMPI"] = lib
+    script, log = tmp_path / "node_view.py", tmp_path / "job.log"
+    script.write_text(NODE_VIEW)
+    where = (["-p", "multi", "-N", "2", "--ntasks-per-node=2"] if shape == "2nodes-2x2"
+             else ["-p", "multi", "-w", emulated_node, "-n", "3"])
+    srun_mpi = "pmix" if mpi == "openmpi" else "pmi2"
+    p = subprocess.run(["sbatch", "--parsable", "-o", str(log), "--time=5", *where, "--wrap",
+                        f"srun --mpi={srun_mpi} python {script}"],
+                       capture_output=True, text=True, env=e, cwd=REPO, timeout=60)
+    assert p.returncode == 0, p.stderr
+    info = wait_job(p.stdout.strip(), 100, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", text[-3000:]
+    views = [json.loads(ln.split(" ", 1)[1]) for ln in text.splitlines()
+             if ln.startswith("NODE_VIEW ")]
+    ntasks = 4 if shape == "2nodes-2x2" else 3
+    assert sorted(v["rank"] for v in views) == list(range(ntasks)), text[-3000:]
+    per_node = {n: sum(v["node"] == n for v in views) for n in {v["node"] for v in views}}
+    assert {v["rank"]: v["shared"] for v in views} == \
+        {v["rank"]: per_node[v["node"]] for v in views}, views
+    assert {v["lib"] for v in views} == {"Open" if mpi == "openmpi" else "MPICH"}, views
 
 
 def assert_two_node_placement(summary: dict, per_node: int) -> None:

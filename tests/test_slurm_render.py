@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -349,8 +350,133 @@ def test_task_command_lines_and_resume(tmp_path, monkeypatch):
     local._proc = subprocess.Popen(["true"])
     clone = pickle.loads(pickle.dumps(local))
     assert clone._proc is None and clone.argv == local.argv and clone.ranks == 3
+    assert not clone._exited.is_set()
     resumed = direct.checkpoint().function
     assert resumed.resume and resumed.argv == direct.argv
+
+
+# ---- a submitit task on Slurm whose app stopped for preemption (exit 124), fake scontrol ------
+
+def slurm_task(tmp_path, monkeypatch, app: str, state: str, restarts: int = 0, rank: int = 1,
+               **opts: float):
+    """A GptflTask as task `rank` of Slurm job 77 (attempt 0) whose app is `python -c APP`;
+    `scontrol show job 77` answers JobState=STATE Restarts=RESTARTS."""
+    from gptfl_hpc.launch.jobs import GptflTask
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(
+        f"#!/bin/sh\necho 'JobId=77 JobName=t JobState={state} Reason=None Requeue=1 "
+        f"Restarts={restarts} BatchFlag=1'\n")
+    (fake / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    for k, v in {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "77", "SLURM_PROCID": str(rank),
+                 "SLURM_RESTART_COUNT": "0"}.items():
+        monkeypatch.setenv(k, v)
+    task = GptflTask(["federate", "c.yaml"], str(tmp_path / "o"), **opts)
+    monkeypatch.setattr(task, "cmdline", lambda: [sys.executable, "-c", app])
+    return task
+
+
+@pytest.mark.parametrize("state,restarts", [("REQUEUED", 0), ("PENDING", 1), ("CANCELLED", 0),
+                                            ("COMPLETING", 0), ("RUNNING", 1)])
+def test_stopped_task_leaves_without_a_result_once_the_attempt_is_over(tmp_path, monkeypatch,
+                                                                       state, restarts):
+    # requeued by rank 0 (REQUEUED, or already PENDING/RUNNING again with Restarts=1),
+    # or cancelled: the task exits (SystemExit, so submitit stores no outcome) and never
+    # requeues by itself
+    task = slurm_task(tmp_path, monkeypatch, "raise SystemExit(124)", state, restarts,
+                      exit_timeout=60)
+    t0 = time.monotonic()
+    with pytest.raises(SystemExit) as e:
+        task()
+    assert e.value.code == 124 and time.monotonic() - t0 < 30
+
+
+def test_stopped_task_reports_failure_when_nothing_ends_the_attempt(tmp_path, monkeypatch):
+    from gptfl_hpc.launch.jobs import JobFailed
+
+    task = slurm_task(tmp_path, monkeypatch, "raise SystemExit(124)", "RUNNING", exit_timeout=2)
+    t0 = time.monotonic()
+    with pytest.raises(JobFailed, match=r"^gptfl-hpc federate stopped at a boundary \(exit 124\) "
+                       r"on rank 1, but job 77 was still RUNNING 2s later: nothing requeued or "
+                       r"cancelled it; its progress is saved in .*/o: resubmit with --resume$"):
+        task()
+    assert 2 <= time.monotonic() - t0 < 20
+
+
+def test_failed_app_is_reported_at_once(tmp_path, monkeypatch):
+    from gptfl_hpc.launch.jobs import JobFailed
+
+    task = slurm_task(tmp_path, monkeypatch, "raise SystemExit(3)", "REQUEUED")
+    with pytest.raises(JobFailed, match=r"gptfl-hpc federate exited with code 3 on rank 1"):
+        task()
+
+
+@pytest.mark.parametrize("case", ["preempted", "cancelled", "failed", "limit"])
+def test_submitit_job_script_requeues_after_124_unless_cancelled(tmp_path, case):
+    """The lines submit() adds to submitit's job script: srun ending with 124 (the app saved at
+    a boundary; mpi4py's MPI_Abort(124) ended the step) requeues the job, except after a SIGTERM
+    to the batch shell (scancel: the job stays cancelled), another exit code, or the limit."""
+    from gptfl_hpc.launch.jobs import _requeue_trap
+
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (fake / "scontrol").chmod(0o755)
+    step_rc = 2 if case == "failed" else 124
+    script = tmp_path / "job.sh"  # the step stands in for srun: busy for a moment, then rc
+    script.write_text("\n".join(["#!/bin/bash", *_requeue_trap(3),
+                                 f"bash -c 'sleep 1; exit {step_rc}'", ""]))
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", SLURM_JOB_ID="4242",
+               SLURM_RESTART_COUNT="3" if case == "limit" else "1")
+    shell = subprocess.Popen(["bash", str(script)], env=env)
+    if case == "cancelled":
+        time.sleep(0.3)
+        shell.send_signal(signal.SIGTERM)  # scancel: the batch shell gets SIGTERM too
+    assert shell.wait(timeout=30) == step_rc
+    requeued = calls.read_text().splitlines() if calls.exists() else []
+    assert requeued == (["requeue 4242"] if case == "preempted" else []), case
+
+
+def test_checkpoint_stops_the_app_then_resumes(tmp_path, monkeypatch):
+    """What submitit does on rank 0 at its preemption signal: its handler (in the main thread,
+    while the task waits for its app) calls checkpoint(), which forwards SIGUSR1 to the app and
+    returns as soon as the app has stopped, not after stop_timeout."""
+    ready = tmp_path / "ready"
+    app = ("import signal, sys, time, pathlib\n"
+           "signal.signal(signal.SIGUSR1, lambda *a: sys.exit(124))\n"
+           f"pathlib.Path({str(ready)!r}).touch()\n"
+           "time.sleep(60)\n")
+    task = slurm_task(tmp_path, monkeypatch, app, "RUNNING", rank=0, stop_timeout=40)
+    seen: dict = {}
+
+    class Requeued(Exception):
+        pass
+
+    def handler(signum, frame):  # submitit: checkpoint, requeue, exit
+        t = time.monotonic()
+        seen["resumed"] = task.checkpoint().function
+        seen["seconds"] = time.monotonic() - t
+        raise Requeued
+
+    def preempt():
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    previous = signal.signal(signal.SIGUSR2, handler)
+    try:
+        threading.Thread(target=preempt, daemon=True).start()
+        with pytest.raises(Requeued):
+            task()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen["seconds"] < 20, seen
+    assert seen["resumed"].resume and seen["resumed"].argv == task.argv
+    assert seen["resumed"].exit_timeout == task.exit_timeout
 
 
 def test_submit_debug_cluster_runs_mpiexec_and_returns_the_summary(tmp_path, monkeypatch):

@@ -6,7 +6,11 @@ Every rank adds the updates of the clients it trained into its own buffer; one i
     [ sum_k (n_k / N) * delta_k  (model numel) | extra vectors (e.g. SCAFFOLD) | statistics ]
 
 where N = sum of the sampled clients' sample counts (every rank knows them from the manifest),
-so the model part is the sample-weighted mean update when no client is dropped.
+so the model part is the sample-weighted mean update when no client is dropped. SCAFFOLD's
+extra part is sum_k (1 / num_clients) * (c_k+ - c_k), its clients' control-variate changes
+(fl/scaffold.py); with central DP the model part is sum_k clip(delta_k), unweighted, and the
+noise is added after the reduction (fl/dp.py). Every part is a sum over clients: the server
+never needs one client's vector (what secure aggregation requires).
 
 Two encodings (``fl.aggregation``):
 
@@ -42,8 +46,10 @@ STAT_BITS = 24
 """Fixed-point bits of the statistics (SQNORM, which can be tiny, uses GRID_BITS)."""
 ENCODINGS = ("exact", "float32")
 
-# statistics slots (after the vectors)
-S_WEIGHT, S_LOSS, S_SQNORM, S_OK, S_DROPPED, S_DIVERGED, S_STOP, S_RANKTIME = range(8)
+# statistics slots (after the vectors); S_UNCLIPPED: DP clients whose update norm was <= the
+# clip norm (adaptive clipping); S_RANKTIME + r: rank r's compute seconds
+(S_WEIGHT, S_LOSS, S_SQNORM, S_OK, S_DROPPED, S_DIVERGED, S_STOP, S_UNCLIPPED,
+ S_RANKTIME) = range(9)
 N_STATS = S_RANKTIME
 
 

@@ -3,7 +3,11 @@
 A checkpoint directory holds ``model.safetensors``, ``server_opt.safetensors`` (the server
 optimiser's state), optional per-rank state files (``rank-RRRRR.safetensors``: state that lives
 on the rank that owns it, such as SCAFFOLD's client control variates) and ``state.json``, written
-last inside the temporary directory. A checkpoint counts only when its ``state.json`` parses,
+last inside the temporary directory. Per-rank files: every client rank writes its own into the
+temporary directory (:meth:`Checkpoints.save_rank`), the ranks meet in a barrier, and rank 0
+then writes its files, lists the rank files in ``state.json`` and renames the directory
+(:meth:`Checkpoints.save` with ``rank_files``), so a checkpoint is complete for every rank or
+not there at all. A checkpoint counts only when its ``state.json`` parses,
 names the request fingerprint and round, and every file it lists exists: a checkpoint torn by a
 crash (or by hand) is skipped with a warning and the newest valid one is used.
 
@@ -17,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,13 +73,43 @@ class Checkpoints:
     def fingerprints(self) -> set[str]:
         return {str(s.get("fingerprint")) for _, s in self.valid()}
 
-    def save(self, round_: int, tensors: dict[str, dict], state: dict[str, Any]) -> Path:
-        """Write ``{name}.safetensors`` for each entry of `tensors`, then state.json; rename."""
+    def tmp_dir(self, round_: int) -> Path:
+        return self.root / f".tmp-round-{round_:05d}"
+
+    @staticmethod
+    def rank_file(rank: int) -> str:
+        return f"rank-{rank:05d}.safetensors"
+
+    def save_rank(self, round_: int, rank: int, tensors: dict) -> str:
+        """A client rank's own state into the checkpoint of `round_` being written (call
+        before the barrier that precedes rank 0's :meth:`save`). `tensors` must not be empty."""
+        tmp = self.tmp_dir(round_)
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_safetensors(tensors, tmp / self.rank_file(rank))
+        return self.rank_file(rank)
+
+    def save(self, round_: int, tensors: dict[str, dict], state: dict[str, Any],
+             rank_files: Iterable[str] = ()) -> Path:
+        """Write ``{name}.safetensors`` for each entry of `tensors`, then state.json; rename.
+
+        `rank_files`: the per-rank files the client ranks have already written into the
+        temporary directory (:meth:`save_rank`); they are kept and listed, anything else left
+        there by an interrupted earlier attempt is removed."""
         final = self.root / f"round-{round_:05d}"
-        tmp = self.root / f".tmp-round-{round_:05d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        files = []
+        tmp = self.tmp_dir(round_)
+        keep = sorted(rank_files)
+        if keep:
+            missing = [f for f in keep if not (tmp / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{tmp}: per-rank checkpoint file(s) "
+                                        f"{', '.join(missing)} were not written")
+            for f in tmp.iterdir():
+                if f.name not in keep:
+                    shutil.rmtree(f) if f.is_dir() else f.unlink()
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        files = list(keep)
         for name, group in tensors.items():
             save_safetensors(group, tmp / f"{name}.safetensors")
             files.append(f"{name}.safetensors")
@@ -93,3 +128,15 @@ class Checkpoints:
     def load(d: Path, name: str) -> dict:
         tensors, _ = load_safetensors(d / f"{name}.safetensors")
         return tensors
+
+    @staticmethod
+    def has(d: Path, name: str) -> bool:
+        return (d / f"{name}.safetensors").is_file()
+
+    @staticmethod
+    def rank_states(d: Path, state: dict[str, Any]) -> Iterator[dict]:
+        """The tensors of every per-rank file of checkpoint `d` (any rank count: a resumed run
+        picks the entries of the clients it owns now)."""
+        for f in state.get("files", []):
+            if f.startswith("rank-"):
+                yield load_safetensors(d / f)[0]

@@ -7,6 +7,7 @@ updates (up to float summation order in the cross-rank sum).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,13 +30,33 @@ def make_optimizer(fl_cfg, params: list[torch.nn.Parameter], lr: float) -> torch
     return cls(params, lr=lr, weight_decay=fl_cfg.client_weight_decay)
 
 
+@dataclass
+class ControlVariates:
+    """SCAFFOLD on one client (Karimireddy et al. 2020, Alg. 1).
+
+    ``correction`` (flat, the model's parameters) is c - c_k: it is added to every minibatch
+    gradient before the optimiser step. ``grad_sum`` accumulates the uncorrected minibatch
+    gradients and ``steps`` counts the steps, so the new client control variate is
+    ``grad_sum / steps``, the mean local gradient: with plain SGD (no momentum, no weight
+    decay) this equals the paper's option II, c_k - c + (x - y_k) / (K lr), exactly, and it
+    stays a gradient-scale estimate with other optimisers (tests/test_scaffold.py)."""
+
+    correction: torch.Tensor
+    grad_sum: torch.Tensor
+    steps: int = 0
+
+    def new_control(self) -> torch.Tensor:
+        return self.grad_sum / max(self.steps, 1)
+
+
 def train_client(model: torch.nn.Module, params: list[torch.Tensor], global_params: torch.Tensor,
                  images: torch.Tensor, labels: torch.Tensor, transform, fl_cfg, *, seed: int,
-                 client_id: int, round_: int) -> float:
+                 client_id: int, round_: int, control: ControlVariates | None = None) -> float:
     """Train `model` in place on one client's data; return the mean training loss.
 
     `params` are the model's parameters (views into its flat buffer) and `global_params` the
-    flat parameter part of the round's global model (for FedProx's proximal term).
+    flat parameter part of the round's global model (for FedProx's proximal term); `control`:
+    SCAFFOLD's correction and gradient accumulator (updated in place).
     """
     g = torch_generator(seed, "client-train", client_id, round_)
     devices = [images.device.index or 0] if images.is_cuda else []
@@ -45,17 +66,19 @@ def train_client(model: torch.nn.Module, params: list[torch.Tensor], global_para
         # which clients trained before it there
         torch.manual_seed(derive(seed, "client-dropout", client_id, round_))
         return _train(model, params, global_params, images, labels, transform, fl_cfg, g,
-                      round_)
+                      round_, control)
 
 
 def _train(model: torch.nn.Module, params: list[torch.Tensor], global_params: torch.Tensor,
            images: torch.Tensor, labels: torch.Tensor, transform, fl_cfg,
-           g: torch.Generator, round_: int) -> float:
+           g: torch.Generator, round_: int, control: ControlVariates | None = None) -> float:
     opt = make_optimizer(fl_cfg, params, client_lr(fl_cfg, round_))
     n = len(labels)
     bs = fl_cfg.batch_size
     mu = fl_cfg.prox_mu if fl_cfg.algorithm == "fedprox" else 0.0
     anchors = _split_like(global_params, params) if mu > 0 else []
+    corrections = _split_like(control.correction, params) if control is not None else []
+    sums = _split_like(control.grad_sum, params) if control is not None else []
     model.train()
     total = torch.zeros((), dtype=torch.float64, device=labels.device)
     count = 0
@@ -77,6 +100,12 @@ def _train(model: torch.nn.Module, params: list[torch.Tensor], global_params: to
                 # reduction over the model, so no thread-count-dependent summation)
                 if p.grad is not None:
                     p.grad.add_(p.detach() - w0, alpha=mu)
+            if control is not None:  # SCAFFOLD: g <- g - c_k + c (elementwise as well)
+                for p, s, corr in zip(params, sums, corrections):
+                    if p.grad is not None:
+                        s.add_(p.grad)
+                        p.grad.add_(corr)
+                control.steps += 1
             opt.step()
     return float(total.item()) / max(count, 1)
 

@@ -19,12 +19,19 @@ Per round (all ranks; ``fl.sync=replicated``, the default):
           ``Bcast``s the weights, one more collective, for heterogeneous nodes.)
   Step 5. The server evaluates, writes metrics and checkpoints while the workers start the next
           round.
+
+SCAFFOLD (fl/scaffold.py) adds its clients' control-variate changes to the same buffer (one
+Allreduce of about twice the model's size) and every rank updates the server control variate;
+central DP (fl/dp.py) clips each client's update before it is encoded and adds the same noise on
+every rank after the reduction. Neither needs one client's vector on the server: every part of
+the buffer is a sum over clients, which is what secure aggregation provides.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -44,14 +51,17 @@ from gptfl_hpc.fl.aggregate import (
     S_OK,
     S_SQNORM,
     S_STOP,
+    S_UNCLIPPED,
     S_WEIGHT,
     RoundBuffer,
     sq_norm,
 )
 from gptfl_hpc.fl.checkpoint import CheckpointPolicy, Checkpoints
 from gptfl_hpc.fl.client import train_client
+from gptfl_hpc.fl.dp import DPState
 from gptfl_hpc.fl.fedavg import ServerOptimizer, gradient_diversity
 from gptfl_hpc.fl.params import FlatModel
+from gptfl_hpc.fl.scaffold import Scaffold
 from gptfl_hpc.fl.schedule import (
     assign_round,
     imbalance,
@@ -162,6 +172,9 @@ class RoundResult:
     t_round: float
     bytes_reduced: int
     t_times: list[float] = field(default_factory=list)
+    private: bool = False
+    """Central DP: the per-client statistics were not collected (fl/dp.py)."""
+    dp: dict[str, Any] = field(default_factory=dict)
 
     @property
     def stop(self) -> bool:
@@ -172,10 +185,14 @@ class Federation:
     """Everything a round needs, built once: data, model, buffers, optimiser state."""
 
     def __init__(self, fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: Path,
-                 comm: Any, init: str, device: torch.device) -> None:
+                 comm: Any, init: str, device: torch.device, dp: Any = None) -> None:
+        from gptfl_hpc.config import check_dp_algorithm
+        from gptfl_hpc.fl import dp as dpmod
+        from gptfl_hpc.parallel.comm import on_root
         from gptfl_hpc.train.models import build_model
         from gptfl_hpc.train.transforms import make_transform
 
+        check_dp_algorithm(dp, fl)
         self.fl, self.run_cfg, self.comm, self.dev = fl, run_cfg, comm, device
         self.seed = run_cfg.seed
         self.manifest, self.data_dir = manifest, data_dir
@@ -190,6 +207,14 @@ class Federation:
             raise CommError(f"{len(self.workers)} client ranks but only {num_clients} clients in "
                             f"{data_dir}: launch at most {num_clients + 1} ranks")
         self.static_owner = place_clients(self.sizes, self.workers)
+        self.placement = fl.placement
+        if fl.algorithm == "scaffold" and fl.placement != "static":
+            # a client's control variate lives on the rank that owns it: clients never move
+            self.placement = "static"
+            if self.is_server:
+                log.info("fl.algorithm=scaffold: client control variates stay on the client's "
+                         "rank, so clients are pinned to ranks (fl.placement static instead of "
+                         "%s)", fl.placement)
         in_shape = tuple(manifest.input_shape)
         self.transform = make_transform(manifest.kind, manifest.norm_mean, manifest.norm_std,
                                         in_shape, fl.augment)
@@ -205,16 +230,25 @@ class Federation:
         is_worker = comm.rank in self.workers
         self.work_model = (FlatModel(build_model(model_cfg, model_shape, manifest.num_classes)
                                      .to(device)) if is_worker else None)
+        self.scaffold = (Scaffold(self.n_params, num_clients,
+                                  {c for c, w in self.static_owner.items() if w == comm.rank})
+                         if fl.algorithm == "scaffold" else None)
+        self.dp = None
+        if dp is not None and dp.enabled:
+            z = float(on_root(comm, lambda: dpmod.resolve_noise_multiplier(dp, fl, num_clients)))
+            self.dp = DPState(dp, fl, num_clients, self.seed, z)
         self.buffer = RoundBuffer(self.n_model, comm.size, fl.aggregation,
+                                  extra=self.n_params if self.scaffold is not None else 0,
                                   device=device if is_worker else "cpu")
-        self.server_opt = ServerOptimizer(fl.algorithm, self.n_model, lr=fl.server_lr,
-                                          momentum=fl.server_momentum, beta1=fl.server_beta1,
-                                          beta2=fl.server_beta2, tau=fl.server_tau)
+        self.server_opt = ServerOptimizer(
+            "fedavg" if fl.algorithm == "scaffold" else fl.algorithm, self.n_model,
+            lr=fl.server_lr, momentum=fl.server_momentum, beta1=fl.server_beta1,
+            beta2=fl.server_beta2, tau=fl.server_tau)
         self.replicated = fl.sync == "replicated" and comm.size > 1
-        cache = fl.client_cache_mb << 20 if fl.placement == "balanced" else 1 << 62
+        cache = fl.client_cache_mb << 20 if self.placement == "balanced" else 1 << 62
         self.data = ClientData(manifest, data_dir, device, cache) if is_worker else None
         if self.data is not None:  # every shard is checked before the first round
-            if fl.placement == "static":  # a rank's own shards, read (and verified) up front
+            if self.placement == "static":  # a rank's own shards, read (and verified) up front
                 for cid in sorted(c for c, w in self.static_owner.items() if w == comm.rank):
                     self.data.get(cid)
             else:  # balanced: the client ranks share a cheap check of all shards
@@ -226,25 +260,67 @@ class Federation:
     # -------------------------------------------------------------------- state
 
     def state_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
-        return {"model": self.global_model.state_dict(),
-                "server_opt": self.server_opt.state_dict() or {"_": torch.zeros(1)}}
+        """Rank 0's part of a checkpoint (the model, the server optimiser, and the algorithm
+        state every rank holds alike: SCAFFOLD's c, DP's clip norm)."""
+        out = {"model": self.global_model.state_dict(),
+               "server_opt": self.server_opt.state_dict() or {"_": torch.zeros(1)}}
+        server_state: dict[str, torch.Tensor] = {}
+        if self.scaffold is not None:
+            server_state["scaffold_c"] = self.scaffold.c.clone()
+        if self.dp is not None:
+            server_state.update(self.dp.state())
+        if server_state:
+            out["server_state"] = server_state
+        return out
+
+    @property
+    def has_rank_state(self) -> bool:
+        """Whether client ranks hold state of their own (SCAFFOLD's client control variates)."""
+        return self.scaffold is not None
+
+    def rank_state(self) -> dict[str, torch.Tensor]:
+        assert self.scaffold is not None
+        return self.scaffold.rank_state()
 
     def load_state(self, d: Path) -> None:
         self.global_model.load_state_dict(Checkpoints.load(d, "model"))
         if self.server_opt.state:
             self.server_opt.load_state_dict(Checkpoints.load(d, "server_opt"))
+        if (self.scaffold is not None or self.dp is not None) and \
+                Checkpoints.has(d, "server_state"):
+            state = Checkpoints.load(d, "server_state")
+            if self.scaffold is not None:
+                self.scaffold.c.copy_(state["scaffold_c"])
+            if self.dp is not None:
+                self.dp.load(state)
+
+    def load_rank_state(self, d: Path, state: dict[str, Any]) -> None:
+        """A client rank takes its clients' control variates from every rank's saved file."""
+        if self.scaffold is not None and self.comm.rank in self.workers:
+            n = self.scaffold.load_rank_states(list(Checkpoints.rank_states(d, state)))
+            log.debug("loaded %d client control variates from %s", n, d)
 
     def sync_from_server(self) -> None:
-        """Everyone takes rank 0's weights (and, when replicated, its optimiser state)."""
+        """Everyone takes rank 0's weights (and, when replicated, its optimiser state) and the
+        algorithm state every rank holds alike."""
         self.comm.bcast_(self.global_model.numpy())
         if self.replicated:
             for t in self.server_opt.state.values():
                 self.comm.bcast_(t.numpy())
+        self._sync_algorithm_state()
+
+    def _sync_algorithm_state(self) -> None:
+        if self.scaffold is not None:
+            self.comm.bcast_(self.scaffold.c.numpy())
+        if self.dp is not None:
+            host = self.dp.host_state()
+            self.comm.bcast_(host)
+            self.dp.set_host_state(host)
 
     # -------------------------------------------------------------------- a round
 
     def assignment(self, sampled: list[int]) -> dict[int, int]:
-        if self.fl.placement == "balanced":
+        if self.placement == "balanced":
             return assign_round(sampled, self.sizes, self.fl.local_epochs, self.workers)
         return {c: self.static_owner[c] for c in sampled}
 
@@ -271,10 +347,17 @@ class Federation:
         vec, stats = buf.unpack()
         # Step 4: server step (rank 0, or every rank when replicated)
         denominator = 0.0
+        dp_info: dict[str, Any] = {}
+        if self.scaffold is not None:  # every rank: c <- c + sum_k (c_k+ - c_k) / M
+            self.scaffold.server_update(vec[self.n_model:self.n_model + self.n_params])
         if self.replicated or self.is_server:
             if self.is_server:
                 faults.point("server", comm.rank)
-            if stats[S_WEIGHT] > 0:
+            if self.dp is not None:
+                # (sum_k clip(delta_k) + noise) / K: uniform weights, fixed denominator
+                delta = self.dp.private_mean(vec[:self.n_model], rnd).float()
+                self.server_opt.step(self.global_model.flat, delta)
+            elif stats[S_WEIGHT] > 0:
                 # the buffer holds sum_k (n_k / N) delta_k; dropped clients are re-weighted out
                 delta = (vec[:self.n_model] * (total / stats[S_WEIGHT])).float()
                 denominator = sq_norm(vec[:self.n_params])
@@ -282,6 +365,9 @@ class Federation:
             elif self.is_server:
                 log.warning("round %d: no usable client update (all dropped); model unchanged",
                             rnd)
+        if self.dp is not None:  # every rank: the clip norm of the next round
+            dp_info = {"dp_clip_norm": self.dp.clip_norm}
+            dp_info["dp_unclipped_fraction"] = self.dp.update_clip_norm(stats[S_UNCLIPPED], rnd)
         t3 = time.perf_counter()
         policy = CheckpointPolicy(fl.checkpoint_every, fl.rounds)
         t_bcast = 0.0
@@ -289,13 +375,16 @@ class Federation:
                 self.replicated and policy.should_save(rnd, stop=False):
             comm.bcast_(self.global_model.numpy())
             t_bcast = comm.last_xfer
+            if self.replicated:  # the same guard for the state every rank updates
+                self._sync_algorithm_state()
         rank_times = stats[N_STATS:].tolist()
         worker_times = [rank_times[w] for w in self.workers]
         return RoundResult(
             round=rnd, sampled=sampled, stats=stats, diversity_denominator=denominator,
             t_client=max(worker_times), t_comm=xfer_reduce + t_bcast, t_server=t3 - t2,
             t_server_wait=wait_reduce, t_round=time.perf_counter() - t0,
-            bytes_reduced=int(host.nbytes), t_times=worker_times)
+            bytes_reduced=int(host.nbytes), t_times=worker_times, private=self.dp is not None,
+            dp=dp_info)
 
     def _train(self, rnd: int, todo: list[int], total: float) -> None:
         """Train this rank's clients of the round; add their encoded updates to the buffer."""
@@ -306,8 +395,10 @@ class Federation:
             faults.point("client", self.comm.rank)
             wm.flat.copy_(global_dev)
             x, y = self.data.get(cid)
+            control = self.scaffold.begin(cid, self.dev) if self.scaffold is not None else None
             loss = train_client(wm.model, wm.params, global_dev[:self.n_params], x, y,
-                                self.transform, fl, seed=self.seed, client_id=cid, round_=rnd)
+                                self.transform, fl, seed=self.seed, client_id=cid, round_=rnd,
+                                control=control)
             update = wm.flat - global_dev
             if cid in self.fault_nan:
                 update[0] = float("nan")
@@ -316,17 +407,34 @@ class Federation:
                 log.warning("round %d: client %d sent a non-finite update; dropped", rnd, cid)
                 buf.add_stat(S_DROPPED, 1)
                 continue
-            encoded = buf.encode(update, n_k / total)
+            unclipped = True
+            if self.dp is not None:  # clip on the client's rank, before encoding; weight 1
+                factor, unclipped = self.dp.clip(sq_norm(update))
+                encoded = buf.encode(update, factor)
+            else:
+                encoded = buf.encode(update, n_k / total)
+            control_part = None
+            if encoded is not None and self.scaffold is not None and control is not None:
+                new_c, dc = self.scaffold.change(cid, control)
+                control_part = buf.encode(dc, 1.0 / len(self.sizes))
+                encoded = encoded if control_part is not None else None
             if encoded is None:
                 log.warning("round %d: client %d sent an update too large to aggregate "
                             "(diverged); dropped", rnd, cid)
                 buf.add_stat(S_DIVERGED, 1)
                 continue
             buf.add_vector(encoded)
+            if control_part is not None:
+                buf.add_vector(control_part, start=self.n_model)
+                self.scaffold.commit(cid, new_c)  # type: ignore[union-attr]
             buf.add_stat(S_WEIGHT, n_k)
+            buf.add_stat(S_OK, 1)
+            if self.dp is not None:
+                # the un-noised per-client statistics are not collected under DP (fl/dp.py)
+                buf.add_stat(S_UNCLIPPED, float(unclipped))
+                continue
             buf.add_stat(S_SQNORM, (n_k / total) ** 2 * sq_norm(update[:self.n_params]))
             buf.add_stat(S_LOSS, n_k * loss)
-            buf.add_stat(S_OK, 1)
 
 
 # ------------------------------------------------------------------------------ hooks
@@ -375,18 +483,19 @@ def round_record(r: RoundResult) -> dict[str, Any]:
     """The metrics.jsonl line of a round (without evaluation and wall clock)."""
     s = r.stats
     weight = s[S_WEIGHT]
+    stats_ok = weight > 0 and not r.private  # DP: the per-client statistics are not collected
     return {
         "round": r.round, "sampled_clients": r.sampled, "num_samples": int(round(weight)),
         "clients_ok": int(round(s[S_OK])), "clients_dropped": int(round(s[S_DROPPED])),
         "clients_diverged": int(round(s[S_DIVERGED])),
-        "train_loss": s[S_LOSS] / weight if weight > 0 else None,
+        "train_loss": s[S_LOSS] / weight if stats_ok else None,
         "grad_diversity": (gradient_diversity(s[S_SQNORM], r.diversity_denominator)
-                           if weight > 0 else None),
+                           if stats_ok else None),
         "t_client": r.t_client, "t_comm": r.t_comm, "t_server": r.t_server,
         "t_server_wait": r.t_server_wait,
         "t_idle": float(np.mean([r.t_client - t for t in r.t_times])),
         "t_idle_max": float(max(r.t_client - t for t in r.t_times)),
-        "t_round": r.t_round, "bytes_reduced": r.bytes_reduced,
+        "t_round": r.t_round, "bytes_reduced": r.bytes_reduced, **r.dp,
     }
 
 
@@ -397,6 +506,10 @@ def _log_round(r: dict, total: int) -> None:
              "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}", r["clients_ok"],
              r["num_samples"], r["t_client"], r["t_idle"], r["t_comm"], r["t_server"],
              r["t_eval"])
+    if "dp_epsilon" in r:
+        log.info("round %d: DP epsilon %s at delta %g (clip norm %.4g)", r["round"],
+                 "inf" if r["dp_epsilon"] is None else f"{r['dp_epsilon']:.3f}", r["dp_delta"],
+                 r["dp_clip_norm"])
 
 
 # ------------------------------------------------------------------------------ the run
@@ -405,12 +518,12 @@ def _log_round(r: dict, total: int) -> None:
 def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: str | Path,
              out_dir: str | Path, init: str = "random", fingerprint: str = "",
              resume: bool = False, comm: Any = None,
-             config_yaml: str | None = None) -> dict | None:
+             config_yaml: str | None = None, dp: Any = None) -> dict | None:
     """Run federated training; returns the summary on rank 0 (None on other ranks).
 
     `fingerprint` identifies the request (gptfl_hpc.provenance); a checkpoint of another
     request is never resumed. Without `resume` a checkpoint of this request is refused with a
-    message (rerun with --resume).
+    message (rerun with --resume). `dp`: the config's ``dp`` section (central DP when enabled).
     """
     from gptfl_hpc.data.shards import set_access_rank
     from gptfl_hpc.numerics import training_kernels
@@ -426,36 +539,54 @@ def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: 
     dev = fl_device(run_cfg, comm)
     with training_kernels(run_cfg.cpu_kernels, dev.type):
         fed = Federation(fl, model_cfg, run_cfg, manifest=manifest, data_dir=data_dir,
-                         comm=comm, init=init, device=dev)
+                         comm=comm, init=init, device=dev, dp=dp)
         ckpts = Checkpoints(out_dir, fl.keep_checkpoints)
         start_round, history, wall_before = 1, [], 0.0
         metrics = evaluator = None
+        found: list = [None, []]
         if fed.is_server:
-            start_round, history, wall_before = _resume_state(fed, ckpts, fingerprint, resume)
+            start_round, history, wall_before, found = _resume_state(fed, ckpts, fingerprint,
+                                                                     resume)
             evaluator = Evaluator(fed, model_cfg, threads_for(run_cfg, comm, "server"))
             if config_yaml is not None:
                 write_text(out_dir / "config.yaml", config_yaml)
             metrics = JsonlWriter(out_dir / "metrics.jsonl",
                                   keep_through=start_round - 1 if start_round > 1 else None)
         placement = _placement(fed, comm, dev)
-        start_round = int(comm.bcast_json(start_round))
+        start_round, found = comm.bcast_json([start_round, found])
+        if fed.has_rank_state and found[0] is not None:  # each client rank reads its own part
+            fed.load_rank_state(Path(found[0]), {"files": found[1]})
         fed.sync_from_server()  # everyone starts from the server's weights and state
 
         policy = CheckpointPolicy(fl.checkpoint_every, fl.rounds)
-        for rnd in range(start_round, fl.rounds + 1):
+        for rnd in range(int(start_round), fl.rounds + 1):
             result = fed.run_round(rnd)
+            save = policy.should_save(rnd, result.stop)
+            rank_files: list[str] = []
+            if save and fed.has_rank_state:
+                # every client rank writes its own part into the checkpoint being written;
+                # rank 0 commits it after the barrier (fl/checkpoint.py)
+                if comm.rank in fed.workers:
+                    ckpts.save_rank(rnd, comm.rank, fed.rank_state())
+                rank_files = [Checkpoints.rank_file(w) for w in fed.workers]
             if fed.is_server:
                 assert evaluator is not None and metrics is not None
                 record = round_record(result) | evaluator(rnd)
+                if fed.dp is not None:
+                    eps = fed.dp.epsilon(rnd)
+                    record.update(dp_epsilon=eps if math.isfinite(eps) else None,
+                                  dp_delta=fed.dp.dp.delta, dp_noise_multiplier=fed.dp.z)
                 record["wall_seconds"] = wall_before + time.perf_counter() - t_start
                 metrics.write(record)
                 history.append([rnd, record["test_accuracy"]])
                 _log_round(record, fl.rounds)
-                if policy.should_save(rnd, result.stop):
-                    ckpts.save(rnd, fed.state_tensors(),
-                               {"round": rnd, "fingerprint": fingerprint, "history": history,
-                                "wall_seconds": record["wall_seconds"],
-                                "world_size": comm.size})
+            if rank_files:
+                comm.barrier()
+            if fed.is_server and save:
+                ckpts.save(rnd, fed.state_tensors(),
+                           {"round": rnd, "fingerprint": fingerprint, "history": history,
+                            "wall_seconds": record["wall_seconds"], "world_size": comm.size},
+                           rank_files=rank_files)
             if result.stop:
                 # non-zero exits end in MPI_Abort (python -m mpi4py): release the ranks only
                 # once the server's checkpoint is on disk
@@ -471,14 +602,15 @@ def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: 
 
 
 def _resume_state(fed: Federation, ckpts: Checkpoints, fingerprint: str,
-                  resume: bool) -> tuple[int, list, float]:
+                  resume: bool) -> tuple[int, list, float, list]:
+    """(first round, metric history, wall seconds so far, [checkpoint dir, its files])."""
     from gptfl_hpc.provenance import StaleOutputError
 
     found = ckpts.latest()
     if found is None:
         if resume:
             log.info("--resume: no checkpoint in %s, starting at round 1", ckpts.root)
-        return 1, [], 0.0
+        return 1, [], 0.0, [None, []]
     d, state = found
     if state.get("fingerprint") != fingerprint:
         raise StaleOutputError(f"{ckpts.root} holds checkpoints of another request; use a new "
@@ -490,14 +622,14 @@ def _resume_state(fed: Federation, ckpts: Checkpoints, fingerprint: str,
     fed.load_state(d)
     log.info("resuming from %s (round %d)", d, state["round"])
     return int(state["round"]) + 1, list(state.get("history", [])), \
-        float(state.get("wall_seconds", 0.0))
+        float(state.get("wall_seconds", 0.0)), [str(d), list(state.get("files", []))]
 
 
 def _placement(fed: Federation, comm: Any, dev: torch.device) -> list[dict]:
     """Where every rank runs (one small gather at start-up): logged and kept in summary.json."""
     fl = fed.fl
     mine = (sum(1 for w in fed.static_owner.values() if w == comm.rank)
-            if fl.placement == "static" else None)
+            if fed.placement == "static" else None)
     placement = comm.allgather_json({"rank": comm.rank, "node": comm.node,
                                      "local_rank": comm.local_rank, "device": str(dev),
                                      "threads": torch.get_num_threads(), "clients": mine})
@@ -505,9 +637,9 @@ def _placement(fed: Federation, comm: Any, dev: torch.device) -> list[dict]:
         log.info("federate: %d ranks (%d client workers), %d clients, %d per round, %s, "
                  "placement %s%s, aggregation %s, model %d params (buffer %.1f MB)",
                  comm.size, len(fed.workers), len(fed.sizes), fl.clients_per_round,
-                 fl.algorithm, fl.placement,
+                 fl.algorithm + (" + central DP" if fed.dp is not None else ""), fed.placement,
                  f" (imbalance {imbalance(fed.sizes, fed.static_owner):.2f})"
-                 if fl.placement == "static" else "", fl.aggregation, fed.n_params,
+                 if fed.placement == "static" else "", fl.aggregation, fed.n_params,
                  fed.buffer.host.nbytes / 1e6)
         nodes = sorted({p["node"] for p in placement})
         where = "; ".join(f"r{p['rank']}@{p['node']}/{p['local_rank']} {p['device']} "
@@ -533,8 +665,9 @@ def _finish(out_dir: Path, fed: Federation, history: list, fl: Any, model_cfg: A
         "model": model_cfg.name, "world_size": len(placement), "wall_seconds": wall,
         "nodes": len({p["node"] for p in placement}), "placement": placement,
         "mpi_library": mpi_library, "aggregation": fl.aggregation,
-        "client_placement": fl.placement,
+        "client_placement": fed.placement,
         "accuracy_by_round": evaluated, "fingerprint": fingerprint,
+        "dp": fed.dp.describe(fl.rounds) if fed.dp is not None else None,
     }
     save_safetensors(fed.global_model.state_dict(), out_dir / "final.safetensors",
                      metadata={"model": model_cfg.name, "rounds": str(fl.rounds),

@@ -1,6 +1,6 @@
 """The embedded generator: a tiny class-conditional ``UNet2DModel`` trained on the public split.
 
-Recipe (measured in shared/reference/embedded-default.md): ``UNet2DModel`` at the image size with
+Recipe (measured on 2 CPU cores, docs/design.md): ``UNet2DModel`` at the image size with
 DownBlock2D/UpBlock2D per ``gen.train.block_out_channels`` (one layer per block, the default mid
 block with attention), ``num_class_embeds = num_classes + 1`` (the last one is the null class for
 classifier-free guidance, dropped in for ``cond_dropout`` of the labels), DDPM training with the

@@ -66,6 +66,7 @@ from gptfl_hpc.errors import (
     StaleOutputError,
 )
 from gptfl_hpc.gen.base import (
+    DEFAULT_SAMPLE_RATE,
     CallShape,
     GeneratorKind,
     NonFiniteOutput,
@@ -76,6 +77,7 @@ from gptfl_hpc.gen.base import (
 from gptfl_hpc.gen.prompts import Plan, build_plan
 from gptfl_hpc.gen.registry import kind_of, open_generator
 from gptfl_hpc.gen.spec import GeneratorSpec, missing_generator_message
+from gptfl_hpc.parallel.accel import release_device_memory
 from gptfl_hpc.parallel.comm import on_root
 
 __all__ = ["FORMAT", "missing_generator_message", "parts_dir", "read_fingerprint",
@@ -101,9 +103,11 @@ Synthetic set (HDF5, one file, format_version 1)
 | prompt_index | int32 | (N,) | row of `prompts` used for the sample |
 | guidance | float32 | (N,) | classifier-free guidance scale (1.0 = none) |
 | seed | int64 | (N,) | the sample's torch.Generator seed |
+| speaker | int32 | (N,) | text-to-speech only: row of the generator's speaker table |
 | prompts | UTF-8 string | (P,) | prompt table (all class x template/domain strings) |
 
-(*) the task's dataset name, dtype and sample shape; for images: images, uint8, (H, W, C).
+(*) the task's dataset name, dtype and sample shape; for images: images, uint8, (H, W, C); for
+audio: audio, int16, (L,) mono waveforms (full scale 32767) at the attribute sample_rate.
 
 attrs: format_version, generator (path), generator_fingerprint (content digest of every file),
 kind (gen.kind family), generator_kind (registry kind), steps, scheduler, seed, n_total,
@@ -111,7 +115,8 @@ num_classes, label_names (JSON), out_shape (JSON: the sample shape), config (JSO
 fingerprint (the request's, gptfl_hpc/provenance.py), micro_batch (the call
 shape), call_rows (the smallest call shape used: < micro_batch after GPU out-of-memory), dtype,
 nonfinite_blocks_regenerated (blocks regenerated in fp32 because of NaN/Inf), device_type,
-num_processes, wall_s, created, torch, diffusers.
+num_processes, wall_s, created, torch, diffusers; audio sets also sample_rate, and speaker
+sets num_speakers (rows of the speaker table).
 """
 
 
@@ -146,7 +151,7 @@ def synthesis_numerics(gen_cfg: Any, spec: GeneratorSpec, device_type: str) -> d
 
 
 SYNTH_KEYS = ("prompt_mode", "templates", "domains", "guidance", "expand_prompts", "steps",
-              "scheduler", "compile", "channels_last")
+              "scheduler", "compile", "channels_last", "speaker")
 
 
 def synthesis_request(gen_cfg: Any, *, spec: GeneratorSpec, task: Task, n_total: int,
@@ -160,7 +165,18 @@ def synthesis_request(gen_cfg: Any, *, spec: GeneratorSpec, task: Task, n_total:
     derived = {"n_total": int(n_total), "label_names": list(task.label_names),
                "sample": [task.dataset, task.dtype, [int(v) for v in task.sample_shape]],
                "kind": spec.family, **numerics}
-    return provenance.Request("synthesize", config, {"generator": spec.fingerprint}, derived)
+    if task.is_audio:
+        derived["sample_rate"] = int(task.sample_rate)
+    inputs = {"generator": spec.fingerprint}
+    if getattr(gen_cfg, "speakers", ""):
+        inputs["speakers"] = provenance.digest(gen_cfg.speakers)
+    return provenance.Request("synthesize", config, inputs, derived)
+
+
+def speaker_count(gen_cfg: Any, spec: GeneratorSpec) -> int:
+    """Rows of the generator's speaker table (0: a kind without speakers)."""
+    kind = kind_of(spec)
+    return int(kind.speakers(spec, gen_cfg)) if kind.speakers is not None else 0
 
 
 def read_fingerprint(path: str | Path) -> str | None:
@@ -267,7 +283,8 @@ class _PartWriter:
 
 
 def _prepare(gen_cfg: Any, *, out_path: Path, request: Any, fingerprint: str, resume: bool,
-             label_names: list[str], n_total: int, seed: int, n_blocks: int) -> dict:
+             label_names: list[str], n_total: int, seed: int, n_blocks: int,
+             speakers: int = 0) -> dict:
     """Rank 0: decide skip / resume / start; returns what all ranks need to know."""
     from gptfl_hpc.provenance import check_partial
 
@@ -301,7 +318,8 @@ def _prepare(gen_cfg: Any, *, out_path: Path, request: Any, fingerprint: str, re
         for p in pdir.glob(".tmp-*"):  # a writer killed mid-file
             p.unlink(missing_ok=True)
     else:
-        prompts = build_plan(gen_cfg, label_names, n_total, seed).prompts  # expands if set
+        prompts = build_plan(gen_cfg, label_names, n_total, seed,  # expands if set
+                             speakers=speakers).prompts
         pdir.mkdir(parents=True, exist_ok=True)
         fsio.write_json(state_path, {
             "fingerprint": fingerprint, "prompts": prompts, "created": time.time(),
@@ -353,6 +371,8 @@ def _merge(out_path: Path, plan: Plan, *, micro: int, task: Task, attrs: dict) -
             f.create_dataset("prompt_index", data=plan.prompt_index.astype(np.int32))
             f.create_dataset("guidance", data=plan.guidance.astype(np.float32))
             f.create_dataset("seed", data=plan.seeds.astype(np.int64))
+            if plan.speakers is not None:
+                f.create_dataset("speaker", data=plan.speakers.astype(np.int32))
             f.create_dataset("prompts", data=np.array(plan.prompts, dtype=object),
                              dtype=h5py.string_dtype("utf-8"))
             for k, v in {**attrs, **totals}.items():
@@ -450,8 +470,9 @@ class _BlockRunner:
         want = (*self.task.sample_shape,)
 
         def call(idx: np.ndarray) -> np.ndarray:
+            extra = {} if rows.speakers is None else {"speakers": rows.speakers[idx]}
             out = np.asarray(sampler(rows.labels[idx], [texts[i] for i in idx],
-                                     rows.guidance[idx], rows.seeds[idx]))
+                                     rows.guidance[idx], rows.seeds[idx], **extra))
             if out.shape != (len(idx), *want) or out.dtype != np.dtype(self.task.dtype):
                 raise ModelError(f"{self.what} returned {out.dtype} {out.shape}; expected "
                                  f"{self.task.dtype} {(len(idx), *want)}")
@@ -465,7 +486,7 @@ class _BlockRunner:
 
 
 def synthesize(gen_cfg: Any, *, generator_dir: str | Path | None, label_names: list[str],
-               out_shape: tuple[int, int, int] | None = None, n_total: int,
+               out_shape: tuple[int, ...] | None = None, n_total: int,
                out_path: str | Path, seed: int, comm: Any, device: str = "auto",
                spec: GeneratorSpec | None = None, task: Task | None = None,
                fingerprint: str | None = None, resume: bool = True) -> Path:
@@ -475,7 +496,8 @@ def synthesize(gen_cfg: Any, *, generator_dir: str | Path | None, label_names: l
     GPU nodes). Returns `out_path`. Skips if `out_path` is finished for the same request; resumes
     from `<out_path>.parts/` after a kill; raises Preempted after a block when asked to stop.
     `spec` (optional): the generator already opened (``registry.open_generator``); `task`
-    (optional): what to generate, default uint8 images of `out_shape` for `label_names`.
+    (optional): what to generate, default ``Task.for_shape(label_names, out_shape)``: uint8
+    images for an (H, W, C) shape, int16 16 kHz waveforms for an (L,) shape.
     `fingerprint`: the request's fingerprint (gptfl_hpc/provenance.py; the pipeline passes the
     stage's); None computes one from what this call is given. `resume`: continue parts of the
     same request (else they are refused with a message).
@@ -503,23 +525,30 @@ def synthesize(gen_cfg: Any, *, generator_dir: str | Path | None, label_names: l
     # Step 3: rank 0 decides: skip (finished), resume (parts of this request) or start
     micro = numerics["micro_batch"]
     n_blocks = -(-n_total // micro)
+    speakers = speaker_count(gen_cfg, spec)
     decision = on_root(comm, lambda: _prepare(
         gen_cfg, out_path=out_path, request=request, fingerprint=fingerprint, resume=resume,
-        label_names=list(task.label_names), n_total=n_total, seed=seed, n_blocks=n_blocks))
+        label_names=list(task.label_names), n_total=n_total, seed=seed, n_blocks=n_blocks,
+        speakers=speakers))
     if decision["action"] == "skip":
         log.info("synthetic set %s is already complete for this request; skipping", out_path)
         return out_path
     plan = build_plan(dataclasses.replace(gen_cfg, expand_prompts=None), task.label_names,
-                      n_total, seed)
+                      n_total, seed, speakers=speakers)
     plan.prompts = list(decision["prompts"])
     # Step 4: the blocks still to do, split over the processes, one agreement per block
     t0 = time.perf_counter()
     _generate(comm, gen_cfg, spec, task, plan, numerics, decision["done"], parts_dir(out_path),
               device)
+    release_device_memory("synthesis")  # the pipeline is out of scope: FL starts clean
     wall = time.perf_counter() - t0
     # Step 5: rank 0 merges the parts into the set (the fingerprint in its attributes)
     attrs = _attrs(gen_cfg, spec, task, seed=seed, n_total=n_total, numerics=numerics,
                    fingerprint=fingerprint, processes=comm.size, wall=wall)
+    if task.is_audio:
+        attrs["sample_rate"] = int(task.sample_rate or DEFAULT_SAMPLE_RATE)
+    if speakers:
+        attrs["num_speakers"] = speakers
     totals = on_root(comm, lambda: _merge(out_path, plan, micro=micro, task=task, attrs=attrs))
     if comm.rank == 0:
         log.info("synthetic set written: %s (%d samples, %.0f s; %d block(s) regenerated in fp32 "
@@ -533,7 +562,7 @@ def _task(task: Task | None, label_names: list[str], out_shape: tuple | None) ->
     if task is None:
         if out_shape is None:
             raise DataError("synthesis: out_shape is required (or a task)")
-        task = Task.image(label_names, out_shape)
+        task = Task.for_shape(label_names, out_shape)  # (H, W, C): images; (L,): audio
     if list(task.label_names) != label_names:
         raise ConfigError(f"synthesis: label names {label_names} differ from the task's "
                           f"{list(task.label_names)}; valid: the same list")

@@ -162,7 +162,7 @@ def accelerator(comm: Any, *, device: str = "auto", mixed_precision: str = "no",
                                         rank=comm.rank, world_size=comm.size,
                                         timeout=datetime.timedelta(seconds=1800))
             # cpu=True is required on CPU: without it accelerate silently runs every process as
-            # a world of one (see shared/reference/embedded-default.md).
+            # a world of one.
             acc = Accelerator(cpu=not use_cuda, mixed_precision=mixed_precision, **kwargs)
             set_threads(threads)
             if acc.num_processes != comm.size:
@@ -265,3 +265,35 @@ def server_comm(comm: Any, run_cfg: Any) -> Any:
                     f"valid: at most one server rank per GPU (run.server_processes=0 picks that)")
             used[tuple(key)] = r
     return sub
+
+
+# ------------------------------------------------------------------------------ GPU memory
+
+
+def _gib(n: float | None) -> str:
+    return "?" if n is None else f"{n / 2**30:.2f}"
+
+
+def release_device_memory(stage: str) -> dict | None:
+    """After a server stage: collect what it left (accelerate's wrappers hold reference cycles)
+    and give the cached GPU memory back to the driver, so FL on the same GPUs starts clean.
+    Call it once the stage's models, optimizers and tensors are out of scope. Logs what is
+    still allocated; None when this process never initialised CUDA."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if not torch.cuda.is_initialized():
+        return None
+    dev = torch.cuda.current_device()
+    before = torch.cuda.memory_reserved(dev)
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(dev)
+    allocated, reserved = torch.cuda.memory_allocated(dev), torch.cuda.memory_reserved(dev)
+    (log.warning if allocated > 256 << 20 else log.info)(
+        "%s: GPU memory released on cuda:%d: %s GiB still allocated, reserved %s -> %s GiB, "
+        "%s of %s GiB free", stage, dev, _gib(allocated), _gib(before), _gib(reserved),
+        _gib(free), _gib(total))
+    return {"stage": stage, "allocated": allocated, "reserved_before": before,
+            "reserved": reserved, "free": free, "total": total}

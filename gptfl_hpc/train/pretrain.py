@@ -55,7 +55,6 @@ Checkpoints live in ``out_dir``, which every process must see (a shared file sys
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import math
@@ -78,6 +77,7 @@ from gptfl_hpc import faults, signals
 from gptfl_hpc.config import ModelConfig, PretrainConfig
 from gptfl_hpc.errors import ConfigError, DataError, GptflError, Preempted, StaleOutputError
 from gptfl_hpc.fsio import load_safetensors, save_safetensors, write_json
+from gptfl_hpc.parallel.accel import release_device_memory
 from gptfl_hpc.parallel.comm import on_root
 from gptfl_hpc.seeding import derive
 from gptfl_hpc.train.transforms import ImageTransform
@@ -946,28 +946,6 @@ def agree_to_stop(comm: Any) -> bool:
 
 
 # ------------------------------------------------------------------------------ GPU memory
-
-
-def release_device_memory(stage: str) -> dict | None:
-    """After a server stage: collect what it left (accelerate's wrappers hold reference cycles)
-    and give the cached GPU memory back to the driver, so FL on the same GPUs starts clean.
-    Call it once the stage's models, optimizers and tensors are out of scope. Logs what is
-    still allocated; None when this process never initialised CUDA."""
-    gc.collect()
-    if not torch.cuda.is_initialized():
-        return None
-    dev = torch.cuda.current_device()
-    before = torch.cuda.memory_reserved(dev)
-    torch.cuda.empty_cache()
-    free, total = torch.cuda.mem_get_info(dev)
-    out = {"stage": stage, "allocated": torch.cuda.memory_allocated(dev),
-           "reserved_before": before, "reserved": torch.cuda.memory_reserved(dev),
-           "free": free, "total": total}
-    (log.warning if out["allocated"] > 256 << 20 else log.info)(
-        "%s: GPU memory released on cuda:%d: %s GiB still allocated, reserved %s -> %s GiB, "
-        "%s of %s GiB free", stage, dev, _gib(out["allocated"]), _gib(before),
-        _gib(out["reserved"]), _gib(free), _gib(total))
-    return out
 
 
 def oom_message(dev: torch.device, inputs: Inputs, plan: dict | None, local_batch: int) -> str:
