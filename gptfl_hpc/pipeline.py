@@ -221,36 +221,38 @@ def stage_generator(cfg: Any, out: Path, comm: Any, data: Prepared,
 
     def work() -> dict:
         from gptfl_hpc.parallel.accel import server_count
+        from gptfl_hpc.parallel.comm import on_root
 
         server_count(comm, cfg.run)  # collective (cached): before only rank 0 goes on
-        if comm.rank == 0:
-            shipped = provenance.read_record(SHIPPED_GENERATOR, "generator") \
-                if SHIPPED_GENERATOR.is_dir() else None
-            if shipped and shipped.get("fingerprint") == req.fingerprint and \
-                    not gen_dir.exists():
-                tmp = gen_dir.with_name(f".{gen_dir.name}.copy")
-                shutil.rmtree(tmp, ignore_errors=True)
-                shutil.copytree(SHIPPED_GENERATOR, tmp)
-                (tmp / provenance.record_path(tmp, "generator").name).unlink()
-                tmp.rename(gen_dir)
-                log.info("embedded generator: the shipped weights were trained for exactly this "
-                         "request; reusing them (%s)", SHIPPED_GENERATOR)
-                return {"trained": "shipped"}
-            from gptfl_hpc.gen.embedded import train_generator
-            from gptfl_hpc.numerics import training_kernels
-            from gptfl_hpc.parallel.accel import want_cuda
+        how = on_root(comm, rank0)  # every rank takes part (a broadcast), whichever way it went
+        return {"trained": how}
 
-            images, labels = data.manifest.read_public(data.dir)
-            device = "cuda" if want_cuda(cfg.run.device) else "cpu"
-            # generator training runs on rank 0 alone, so its thread count does not depend on
-            # the rank count: it uses the fast kernels (invariant ones cost 2.4x on the UNet)
-            with _server_threads(comm, cfg), training_kernels("fast", device):
-                train_generator(cfg.gen.train, images, labels, data.manifest.num_classes,
-                                gen_dir, seed=cfg.run.seed, device=device,
-                                label_names=data.manifest.label_names,
-                                fingerprint=req.fingerprint, resume=resume)
-        comm.barrier()
-        return {"trained": "here"}
+    def rank0() -> str:
+        shipped = provenance.read_record(SHIPPED_GENERATOR, "generator") \
+            if SHIPPED_GENERATOR.is_dir() else None
+        if shipped and shipped.get("fingerprint") == req.fingerprint and not gen_dir.exists():
+            tmp = gen_dir.with_name(f".{gen_dir.name}.copy")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(SHIPPED_GENERATOR, tmp)
+            (tmp / provenance.record_path(tmp, "generator").name).unlink()
+            tmp.rename(gen_dir)
+            log.info("embedded generator: the shipped weights were trained for exactly this "
+                     "request; reusing them (%s)", SHIPPED_GENERATOR)
+            return "shipped"
+        from gptfl_hpc.gen.embedded import train_generator
+        from gptfl_hpc.numerics import training_kernels
+        from gptfl_hpc.parallel.accel import want_cuda
+
+        images, labels = data.manifest.read_public(data.dir)
+        device = "cuda" if want_cuda(cfg.run.device) else "cpu"
+        # generator training runs on rank 0 alone, so its thread count does not depend on
+        # the rank count: it uses the fast kernels (invariant ones cost 2.4x on the UNet)
+        with _server_threads(comm, cfg), training_kernels("fast", device):
+            train_generator(cfg.gen.train, images, labels, data.manifest.num_classes,
+                            gen_dir, seed=cfg.run.seed, device=device,
+                            label_names=data.manifest.label_names,
+                            fingerprint=req.fingerprint, resume=resume)
+        return "here"
 
     o = _stage("generator", comm, gen_dir, req, what="the embedded generator",
                outputs=GENERATOR_OUTPUTS, work=work, lock_dir=gen_dir.parent,

@@ -175,3 +175,25 @@ def test_exception_in_any_phase_on_any_rank_ends_the_job(reference, tmp_path, ra
                 extra_env={"GPTFL_FAULT_RAISE_RANK": str(rank), "GPTFL_FAULT_PHASE": phase})
     assert p.returncode != 0 and time.time() - t < 60, (p.returncode, p.stderr[-2000:])
     assert f"injected fault on rank {rank} in phase {phase}" in p.stderr, p.stderr[-3000:]
+
+
+def test_shipped_generator_is_reused_by_every_rank_count(tmp_path):
+    """configs/digits.yaml's generator request matches the shipped weights: `run` under
+    mpiexec -n 3 copies them (no training) and every rank goes on (it hung once: rank 0 took
+    the shipped path and skipped the barrier the other ranks waited in)."""
+    from gptfl_hpc import provenance
+    from gptfl_hpc.pipeline import SHIPPED_GENERATOR
+
+    out = tmp_path / "run"
+    # smaller stages after the generator; none of these keys is in the generator's request
+    p = run_cli(["run", "configs/digits.yaml", "--out", out, "run.methods=[synthetic_only]",
+                 "gen.volume=0.1", "gen.steps=2", "pretrain.epochs=1",
+                 "pretrain.batch_size=32"], n=3, timeout=300)
+    assert "the shipped weights were trained for exactly this request" in p.stderr
+    assert "training the embedded generator" not in p.stderr
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (out / "generator" / unet).read_bytes() == (SHIPPED_GENERATOR / unet).read_bytes()
+    assert provenance.read_record(out / "generator", "generator")["fingerprint"] == \
+        provenance.read_record(SHIPPED_GENERATOR, "generator")["fingerprint"]
+    assert json.loads((out / "report.json").read_text())["rows"][0]["method"] == \
+        "synthetic_only"

@@ -412,6 +412,7 @@ def on_root(comm: Any, fn: Any) -> Any:
         except errors.GptflError as e:
             payload = {"error": str(e), "type": type(e).__name__}
     if comm.size > 1:
+        comm.barrier()  # the other ranks sleep (not spin in Bcast) while rank 0 works
         payload = comm.bcast_json(payload)
     if "error" in payload:
         raise getattr(errors, payload["type"], errors.GptflError)(payload["error"])
