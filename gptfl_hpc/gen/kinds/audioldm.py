@@ -35,13 +35,13 @@ from gptfl_hpc.gen.base import (
     CallShape,
     GeneratorKind,
     Task,
-    batch_arrays,
     check_steps,
     require_audio,
     to_int16,
     torch_dtype,
 )
 from gptfl_hpc.gen.diffusion import prepare_pipeline, quiet_loading
+from gptfl_hpc.gen.kinds.text2image import PromptSampler
 from gptfl_hpc.gen.spec import GeneratorSpec
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def check(spec: GeneratorSpec, task: Task, gen_cfg: Any) -> None:
     check_pipeline(spec, task, KIND.name, PIPELINE)
 
 
-class AudioLDMSampler:
+class AudioLDMSampler(PromptSampler):
     """``(labels, prompts, guidance, seeds) -> int16 (B, L)`` around an AudioLDM(2) pipeline."""
 
     def __init__(self, pipe: Any, *, task: Task, steps: int, max_batch: int, device: str,
@@ -90,63 +90,10 @@ class AudioLDMSampler:
         self.shape = CallShape(int(max_batch), what=kind, pad=compiled, compiled=compiled)
         self.row_guidance = True
         self.calls = 0
+        self._warned_groups = False
 
-    def __call__(self, labels: np.ndarray, prompts: list[str], guidance: np.ndarray,
-                 seeds: np.ndarray) -> np.ndarray:
-        prompts = list(prompts)
-        b = len(prompts)
-        labels, guidance, seeds = batch_arrays(self.kind, labels, guidance, seeds, rows=b)
-        if not np.all(np.isfinite(guidance)) or np.any(guidance <= 0):
-            raise ModelError(f"{self.kind} batch: guidance must be finite and > 0")
-        out = np.empty((b, self.length), np.int16)
-        no_cfg = np.flatnonzero(guidance <= 1.0)
-        if len(no_cfg):
-            out[no_cfg] = self._run(prompts, no_cfg, 1.0, seeds)
-        idx = np.flatnonzero(guidance > 1.0)
-        if len(idx) and self.row_guidance:
-            waves = self._rows(prompts, idx, guidance, seeds)
-            if waves is not None:
-                out[idx] = waves
-                return out
-        for g in np.unique(guidance[idx]):
-            group = idx[guidance[idx] == g]
-            out[group] = self._run(prompts, group, float(g), seeds)
-        return out
-
-    def _run(self, prompts: list[str], idx: np.ndarray, scale: float, seeds: np.ndarray
-             ) -> np.ndarray:
-        def call(sel: np.ndarray) -> np.ndarray:
-            rows = idx[sel]
-            return self._call([prompts[i] for i in rows], scale, seeds[rows])
-
-        return self.shape.run(call, len(idx))
-
-    def _rows(self, prompts: list[str], idx: np.ndarray, guidance: np.ndarray,
-              seeds: np.ndarray) -> np.ndarray | None:
-        from gptfl_hpc.gen.kinds.text2image import RowGuidance
-
-        class Ignored(Exception):
-            pass
-
-        def call(sel: np.ndarray) -> np.ndarray:
-            rows = idx[sel]
-            g = guidance[rows]
-            if len(np.unique(g)) == 1:
-                return self._call([prompts[i] for i in rows], float(g[0]), seeds[rows])
-            scale = RowGuidance(g)
-            waves = self._call([prompts[i] for i in rows], scale, seeds[rows])
-            if scale.applied == 0:
-                raise Ignored
-            return waves
-
-        try:
-            return self.shape.run(call, len(idx))
-        except (TypeError, Ignored) as e:
-            log.warning("%s: per-row guidance not applied by %s (%s); grouping samples by "
-                        "guidance value instead", self.kind, type(self.pipe).__name__,
-                        type(e).__name__)
-        self.row_guidance = False
-        return None
+    def _out(self, rows: int) -> np.ndarray:
+        return np.empty((rows, self.length), np.int16)
 
     def _call(self, prompts: list[str], guidance: Any, seeds: np.ndarray) -> np.ndarray:
         import torch

@@ -111,7 +111,95 @@ class _RowGuidanceIgnored(Exception):
     pass
 
 
-class Text2ImageSampler:
+class PromptSampler:
+    """``(labels, prompts, guidance, seeds) -> samples`` around a prompt-driven diffusers
+    pipeline (text-to-image here, text-to-audio in audioldm.py): rows without guidance (scale
+    <= 1) in one group, guided rows with a guidance scale per row when the pipeline applies it
+    (RowGuidance), else grouped by scale; calls of at most ``max_batch`` rows (``self.shape``).
+    Subclasses set ``kind``, ``pipe``, ``shape``, ``row_guidance`` and define ``_out`` (the
+    output array for b rows) and ``_call`` (one pipeline call)."""
+
+    kind = "text2image"
+    pipe: Any
+    shape: Any
+    row_guidance: bool
+    _warned_groups = False
+
+    def _out(self, rows: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _call(self, prompts: list[str], guidance: Any, seeds: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __call__(self, labels: np.ndarray, prompts: list[str], guidance: np.ndarray,
+                 seeds: np.ndarray) -> np.ndarray:
+        prompts = list(prompts)
+        b = len(prompts)
+        labels, guidance, seeds = batch_arrays(self.kind, labels, guidance, seeds, rows=b)
+        if not all(isinstance(p, str) for p in prompts):
+            raise ModelError(f"{self.kind} batch: prompts must be a list of str")
+        if not np.all(np.isfinite(guidance)) or np.any(guidance <= 0):
+            raise ModelError(f"{self.kind} batch: guidance must be finite and > 0, got "
+                             f"{guidance[~(np.isfinite(guidance) & (guidance > 0))][:3].tolist()}")
+        out = self._out(b)
+        cfg = guidance > 1.0
+        no_cfg = np.flatnonzero(~cfg)  # every scale <= 1 is "no CFG" for the pipeline
+        if len(no_cfg):
+            out[no_cfg] = self._run(prompts, no_cfg, 1.0, seeds)
+        idx = np.flatnonzero(cfg)
+        if len(idx) and self.row_guidance:
+            imgs = self._rows(prompts, idx, guidance, seeds)
+            if imgs is not None:
+                out[idx] = imgs
+                return out
+        values = np.unique(guidance[idx])
+        if len(idx) >= 8 and len(values) > len(idx) // 4 and not self._warned_groups:
+            log.warning("%s: %d distinct guidance scales among %d samples -> about one "
+                        "pipeline call per image; draw scales from a small set (e.g. integers "
+                        "1..5) to keep batches full", self.kind, len(values), len(idx))
+            self._warned_groups = True
+        for g in values:
+            group = idx[guidance[idx] == g]
+            out[group] = self._run(prompts, group, float(g), seeds)
+        return out
+
+    def _run(self, prompts: list[str], idx: np.ndarray, scale: float,
+             seeds: np.ndarray) -> np.ndarray:
+        """Rows `idx` in calls of at most max_batch images, all with guidance `scale`."""
+        def call(sel: np.ndarray) -> np.ndarray:
+            rows = idx[sel]
+            return self._call([prompts[i] for i in rows], scale, seeds[rows])
+
+        return self.shape.run(call, len(idx))
+
+    def _rows(self, prompts: list[str], idx: np.ndarray, guidance: np.ndarray,
+              seeds: np.ndarray) -> np.ndarray | None:
+        """Rows `idx` with a guidance scale per row; None if the pipeline does not apply it."""
+        def call(sel: np.ndarray) -> np.ndarray:
+            rows = idx[sel]
+            g = guidance[rows]
+            if len(np.unique(g)) == 1:
+                return self._call([prompts[i] for i in rows], float(g[0]), seeds[rows])
+            scale = RowGuidance(g)
+            images = self._call([prompts[i] for i in rows], scale, seeds[rows])
+            if scale.applied == 0:
+                raise _RowGuidanceIgnored
+            return images
+
+        try:
+            return self.shape.run(call, len(idx))
+        except TypeError as e:  # the pipeline used the scale in a way RowGuidance does not allow
+            log.warning("%s: per-row guidance not supported by %s (%s); grouping samples "
+                        "by guidance value instead", self.kind, type(self.pipe).__name__, e)
+        except _RowGuidanceIgnored:
+            log.warning("%s: %s did not apply the per-row guidance scale; grouping "
+                        "samples by guidance value instead", self.kind, type(self.pipe).__name__)
+        self.row_guidance = False
+        return None
+
+
+
+class Text2ImageSampler(PromptSampler):
     """Callable ``(labels, prompts, guidance, seeds) -> uint8 (B, H, W, C)`` around a pipeline."""
 
     kind = "text2image"
@@ -151,71 +239,8 @@ class Text2ImageSampler:
                 f"{self.out_shape}, steps={self.steps}, max_batch={self.max_batch}, "
                 f"scheduler={type(self.pipe.scheduler).__name__}, device={self.device})")
 
-    def __call__(self, labels: np.ndarray, prompts: list[str], guidance: np.ndarray,
-                 seeds: np.ndarray) -> np.ndarray:
-        prompts = list(prompts)
-        b = len(prompts)
-        labels, guidance, seeds = batch_arrays("text2image", labels, guidance, seeds, rows=b)
-        if not all(isinstance(p, str) for p in prompts):
-            raise ModelError("text2image batch: prompts must be a list of str")
-        if not np.all(np.isfinite(guidance)) or np.any(guidance <= 0):
-            raise ModelError(f"text2image batch: guidance must be finite and > 0, got "
-                             f"{guidance[~(np.isfinite(guidance) & (guidance > 0))][:3].tolist()}")
-        out = np.empty((b, *self.out_shape), dtype=np.uint8)
-        cfg = guidance > 1.0
-        no_cfg = np.flatnonzero(~cfg)  # every scale <= 1 is "no CFG" for the pipeline
-        if len(no_cfg):
-            out[no_cfg] = self._run(prompts, no_cfg, 1.0, seeds)
-        idx = np.flatnonzero(cfg)
-        if len(idx) and self.row_guidance:
-            imgs = self._rows(prompts, idx, guidance, seeds)
-            if imgs is not None:
-                out[idx] = imgs
-                return out
-        values = np.unique(guidance[idx])
-        if len(idx) >= 8 and len(values) > len(idx) // 4 and not self._warned_groups:
-            log.warning("text2image: %d distinct guidance scales among %d samples -> about one "
-                        "pipeline call per image; draw scales from a small set (e.g. integers "
-                        "1..5) to keep batches full", len(values), len(idx))
-            self._warned_groups = True
-        for g in values:
-            group = idx[guidance[idx] == g]
-            out[group] = self._run(prompts, group, float(g), seeds)
-        return out
-
-    def _run(self, prompts: list[str], idx: np.ndarray, scale: float,
-             seeds: np.ndarray) -> np.ndarray:
-        """Rows `idx` in calls of at most max_batch images, all with guidance `scale`."""
-        def call(sel: np.ndarray) -> np.ndarray:
-            rows = idx[sel]
-            return self._call([prompts[i] for i in rows], scale, seeds[rows])
-
-        return self.shape.run(call, len(idx))
-
-    def _rows(self, prompts: list[str], idx: np.ndarray, guidance: np.ndarray,
-              seeds: np.ndarray) -> np.ndarray | None:
-        """Rows `idx` with a guidance scale per row; None if the pipeline does not apply it."""
-        def call(sel: np.ndarray) -> np.ndarray:
-            rows = idx[sel]
-            g = guidance[rows]
-            if len(np.unique(g)) == 1:
-                return self._call([prompts[i] for i in rows], float(g[0]), seeds[rows])
-            scale = RowGuidance(g)
-            images = self._call([prompts[i] for i in rows], scale, seeds[rows])
-            if scale.applied == 0:
-                raise _RowGuidanceIgnored
-            return images
-
-        try:
-            return self.shape.run(call, len(idx))
-        except TypeError as e:  # the pipeline used the scale in a way RowGuidance does not allow
-            log.warning("text2image: per-row guidance not supported by %s (%s); grouping samples "
-                        "by guidance value instead", type(self.pipe).__name__, e)
-        except _RowGuidanceIgnored:
-            log.warning("text2image: %s did not apply the per-row guidance scale; grouping "
-                        "samples by guidance value instead", type(self.pipe).__name__)
-        self.row_guidance = False
-        return None
+    def _out(self, rows: int) -> np.ndarray:
+        return np.empty((rows, *self.out_shape), dtype=np.uint8)
 
     def _call(self, prompts: list[str], guidance: Any, seeds: np.ndarray) -> np.ndarray:
         import torch
