@@ -603,6 +603,21 @@ def test_scale_cli_real_local_run(tmp_path):
     assert "scaling report" in p.stderr
 
 
+def test_scale_takes_the_users_data_dir_and_keys_the_plan_also_sets(tmp_path):
+    from gptfl_hpc.launch.scale import merge_overrides
+
+    # the plan sets data.dir and the per-count sizes; the user's own values of those keys give
+    # way (the plan was computed from them), everything else is kept, in order
+    assert merge_overrides(["data.dir=/d", "fl.rounds=3", "data.num_clients = 9"],
+                           ["data.num_clients=6", "data.dir=/d"]) == \
+        ["fl.rounds=3", "data.num_clients=6", "data.dir=/d"]
+    data = tmp_path / "data"
+    run_cli(["prepare", "configs/tiny.yaml", "--out", data], timeout=120)
+    run_cli(["scale", "configs/tiny.yaml", f"data.dir={data}", "fl.rounds=2", "--ranks", "2",
+             "--mode", "strong", "--out", tmp_path / "s"], timeout=300)
+    assert len((tmp_path / "s" / "r2" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
 def test_failed_job_reports_the_apps_one_line_error(tmp_path, monkeypatch):
     from helpers import MPI_ENV
 

@@ -101,6 +101,13 @@ def plan(cfg, ranks: Sequence[int], mode: str, data_root: Path) -> list[Point]:
     return points
 
 
+def merge_overrides(user: Sequence[str], planned: Sequence[str]) -> list[str]:
+    """The user's overrides, then the plan's; a key the plan sets replaces the user's (the plan
+    was computed from the config with the user's overrides applied, e.g. data.dir)."""
+    keys = {o.split("=", 1)[0].strip() for o in planned}
+    return [o for o in user if o.split("=", 1)[0].strip() not in keys] + list(planned)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
@@ -159,7 +166,7 @@ def run_scaling(cfg, config: str, overrides: Sequence[str], out: str | Path,
         t0 = time.perf_counter()
         log.info("scale %s: %d ranks, %d clients, %d per round -> %s", mode, p.ranks,
                  p.num_clients, p.clients_per_round, run_dir)
-        runner(p.ranks, [*overrides, *p.overrides], run_dir)
+        runner(p.ranks, merge_overrides(overrides, p.overrides), run_dir)
         rows.append(summarize(p, read_metrics(run_dir)))
         log.info("scale: %d ranks done in %.1fs: %.1f samples/s", p.ranks,
                  time.perf_counter() - t0, rows[-1]["samples_per_s"])
