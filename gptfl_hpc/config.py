@@ -60,10 +60,13 @@ class RunConfig:
     workers train (and the server evaluates) on their node-local GPU."""
     methods: list[str] = field(default_factory=lambda: ["gptfl", "fedavg", "synthetic_only"])
     """Methods that ``gptfl-hpc run`` compares (subset of gptfl, fedavg, synthetic_only,
-    local_only). gptfl: FL from the GPT-FL init (the model pretrained on synthetic data);
-    fedavg: the same FL from random init (the scratch baseline); synthetic_only: the pretrained
-    model alone; local_only: every client fine-tunes the pretrained model on its own data for
-    fl.rounds x fl.local_epochs epochs, no federation (gptfl_hpc/fl/local.py). With
+    local_only, centralised). gptfl: FL from the GPT-FL init (the model pretrained on
+    synthetic data); fedavg: the same FL from random init (the scratch baseline);
+    synthetic_only: the pretrained model alone; local_only: every client fine-tunes the
+    pretrained model on its own data for fl.rounds x fl.local_epochs epochs, no federation
+    (gptfl_hpc/fl/local.py); centralised: the upper-bound reference, not an FL method: rank 0
+    alone pools every client's shard and trains the model from random init with the
+    pretraining loop and pretrain.* settings (gptfl_hpc/train/centralised.py). With
     run.algorithms set, gptfl and fedavg select the two columns of that table."""
     algorithms: list[str] = field(default_factory=list)
     """FL algorithms `run` compares from scratch and from the GPT-FL init: for each entry X it
@@ -89,7 +92,7 @@ class RunConfig:
         _check(0 <= self.seed < 2**63, "run.seed", self.seed, "0 <= seed < 2**63")
         _check(0 <= self.threads <= 4096, "run.threads", self.threads, "0 (auto) .. 4096")
         _check(self.server_processes >= 0, "run.server_processes", self.server_processes, ">= 0")
-        methods = ("gptfl", "fedavg", "synthetic_only", "local_only")
+        methods = ("gptfl", "fedavg", "synthetic_only", "local_only", "centralised")
         bad = [m for m in self.methods if m not in methods]
         _check(not bad and bool(self.methods), "run.methods", self.methods,
                "a non-empty list of: " + ", ".join(methods))
@@ -241,6 +244,11 @@ class FLConfig:
     damps the round-to-round oscillation of strongly non-IID FL towards the end."""
     client_momentum: float = 0.0
     client_weight_decay: float = 0.0
+    body_lr_scale: float = 1.0
+    """Fine-tuning: the clients' local optimiser uses client_lr x body_lr_scale for every
+    parameter except the final classifier layer (the model's last nn.Linear), which keeps
+    client_lr. 1.0: one lr for all (the plain optimiser, bitwise as without the option); 0:
+    the body is frozen and only the head trains (BatchNorm running statistics still adapt)."""
     prox_mu: float = 0.01
     """FedProx proximal term weight (used by algorithm=fedprox only)."""
     server_lr: float = 1.0
@@ -297,6 +305,8 @@ class FLConfig:
         _check(self.client_cache_mb >= 0, "fl.client_cache_mb", self.client_cache_mb, ">= 0")
         _check(self.client_weight_decay >= 0, "fl.client_weight_decay", self.client_weight_decay,
                ">= 0")
+        _check(0.0 <= self.body_lr_scale <= 1.0, "fl.body_lr_scale", self.body_lr_scale,
+               "0 <= x <= 1 (0 freezes all but the classifier layer)")
         _check(0 < self.target_accuracy <= 1, "fl.target_accuracy", self.target_accuracy,
                "0 < x <= 1 (a fraction, not a percentage)")
         _check(self.init == "random" or self.init.endswith(".safetensors"), "fl.init", self.init,

@@ -18,7 +18,13 @@ fedavg         FL from random init with the config's fl.algorithm (the paper's F
 gptfl_fedopt   GPT-FL with FedOpt: fl.algorithm=fedadam, fl.server_lr=--fedopt-server-lr
 fedopt         FedOpt from random init: the same server optimiser
 synthetic_only the pretrained model alone (no FL): its test accuracy
+centralised    reference upper bound, not FL: the model trained on the pooled private data of
+               every client by rank 0 alone (gptfl_hpc/train/centralised.py); opt-in
 =============  ===========================================================================
+
+``--alphas`` takes Dirichlet concentrations and ``iid`` (e.g. ``0.05,0.1,0.5,iid``): an iid cell
+runs with data.partition=iid (its name says ``iid`` where others say ``alpha0.1``; collect shows
+it as the column ``iid``).
 
 An axis only multiplies the methods it affects: the synthetic volume (gen.volume) those that use
 the synthetic set, clients per round (fl.clients_per_round) those that run FL. An axis left out
@@ -60,6 +66,7 @@ METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "gptfl_fedopt": ("gptfl", ("fl.algorithm=fedadam", "fl.server_lr={fedopt_lr}")),
     "fedopt": ("fedavg", ("fl.algorithm=fedadam", "fl.server_lr={fedopt_lr}")),
     "synthetic_only": ("synthetic_only", ()),
+    "centralised": ("centralised", ()),
 }
 USES_SYNTHETIC = ("gptfl", "gptfl_fedopt", "synthetic_only")
 RUNS_FL = ("gptfl", "fedavg", "gptfl_fedopt", "fedopt")
@@ -74,7 +81,9 @@ class Cell:
     name: str
     method: str
     seed: int
-    alpha: float | None
+    alpha: float | str | None
+    """The Dirichlet alpha, "iid" (data.partition=iid), or None (the config's partition is not
+    dirichlet)."""
     volume: float | None
     """None: the method does not use the synthetic set."""
     clients_per_round: int | None
@@ -100,13 +109,35 @@ def _parse_list(text: str | None, kind: type, key: str) -> list | None:
     return items
 
 
+def _parse_alphas(text: str | None) -> list | None:
+    """--alphas: distinct Dirichlet concentrations and/or ``iid``."""
+    if text is None:
+        return None
+    items: list = []
+    for t in (t.strip() for t in str(text).split(",")):
+        if not t:
+            continue
+        if t.lower() == "iid":
+            items.append("iid")
+            continue
+        try:
+            items.append(float(t))
+        except ValueError:
+            items = []
+            break
+    if not items or len(set(items)) != len(items):
+        raise ConfigError(f"--alphas {text!r}: invalid; valid: distinct comma-separated numbers "
+                          "and/or iid, e.g. 0.05,0.1,0.5,iid")
+    return items
+
+
 def _axis(values: list | None) -> list:
     """The values of an axis; [None] (the config's value, no override) when not given."""
     return list(values) if values is not None else [None]
 
 
 def expand(cfg: Any, *, methods: list[str], seeds: list[int] | None,
-           alphas: list[float] | None, volumes: list[float] | None,
+           alphas: list[float | str] | None, volumes: list[float] | None,
            clients_per_round: list[int] | None, store: str, fedopt_lr: float) -> list[Cell]:
     """The grid's cells (validated as configs by the caller). An axis given as None keeps the
     config's value and adds no override."""
@@ -134,18 +165,20 @@ def expand(cfg: Any, *, methods: list[str], seeds: list[int] | None,
                     for k in _axis(clients_per_round if fl else None):
                         s = cfg.run.seed if seed is None else seed
                         a = cfg.data.alpha if alpha is None else alpha
+                        iid = alpha == "iid"
                         v = (cfg.gen.volume if vol is None else vol) if syn else None
                         c = (cfg.fl.clients_per_round if k is None else k) if fl else None
                         over = [f"run.methods=[{run_method}]"]
                         over += [e.format(fedopt_lr=fedopt_lr) for e in extra]
                         over += [f"run.seed={seed}"] if seed is not None else []
-                        over += [f"data.alpha={alpha!r}"] if alpha is not None else []
+                        over += (["data.partition=iid"] if iid else
+                                 [f"data.alpha={alpha!r}"] if alpha is not None else [])
                         over += [f"gen.volume={vol!r}"] if vol is not None else []
                         over += [f"fl.clients_per_round={k}"] if k is not None else []
                         over += [f"run.store={store}"] if store else []
                         name = [method, f"seed{s}"]
                         if cfg.data.partition == "dirichlet":
-                            name.append(f"alpha{_num(a)}")
+                            name.append("iid" if iid else f"alpha{_num(a)}")
                         name += [f"vol{_num(v)}"] if v is not None else []
                         name += [f"cpr{c}"] if c is not None else []
                         cells.append(Cell("-".join(name), method, int(s),
@@ -170,7 +203,7 @@ def plan(config: str, overrides: list[str], out: str | Path, args: argparse.Name
     methods = [m.strip() for m in (args.methods or ",".join(
         m for m in cfg.run.methods)).split(",") if m.strip()]
     cells = expand(cfg, methods=methods, seeds=_parse_list(args.seeds, int, "seeds"),
-                   alphas=_parse_list(args.alphas, float, "alphas"),
+                   alphas=_parse_alphas(args.alphas),
                    volumes=_parse_list(args.volumes, float, "volumes"),
                    clients_per_round=_parse_list(args.clients_per_round, int,
                                                  "clients-per-round"),
@@ -351,7 +384,8 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None,
                    help=f"comma-separated, of {', '.join(METHODS)} (default: run.methods)")
     p.add_argument("--seeds", default=None, help="run.seed values, e.g. 0,1,2")
-    p.add_argument("--alphas", default=None, help="data.alpha values, e.g. 0.1,0.5")
+    p.add_argument("--alphas", default=None,
+                   help="data.alpha values and/or iid (data.partition=iid), e.g. 0.1,0.5,iid")
     p.add_argument("--volumes", default=None, help="gen.volume values, e.g. 1,2,3")
     p.add_argument("--clients-per-round", default=None,
                    help="fl.clients_per_round values, e.g. 2,5,10")

@@ -8,7 +8,9 @@
 6. federate     FedAvg from random init, SAME client sequence       -> <out>/fedavg/
    (run.algorithms: for each algorithm X, <out>/X-gptfl/ and <out>/X-scratch/ instead)
 7. local_only   every client fine-tunes the pretrained model alone -> <out>/local_only/
-8. report       report.md, accuracy.png, samples.png (rank 0)
+8. centralised  reference upper bound, not FL (run.methods: centralised): rank 0 alone pools
+                every client's shard and trains the model on it  -> <out>/centralised/
+9. report       report.md, accuracy.png, samples.png (rank 0)
 
 Every stage goes through :func:`_stage`: rank 0 locks the stage's directory, computes the stage's
 request (gptfl_hpc/provenance.py) and asks for its status there. A complete output of this
@@ -19,6 +21,7 @@ with partial state of this request (a checkpoint) continues it only with ``--res
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -376,6 +379,32 @@ def stage_local_only(cfg: Any, run_dir: Path, comm: Any, data: Prepared, init: s
                   outputs={"summary": "summary.json"}, work=work)
 
 
+def stage_centralised(cfg: Any, out: Path, comm: Any, data: Prepared,
+                      resume: bool = False) -> Output:
+    """The centralised upper bound into <out>/centralised (gptfl_hpc/train/centralised.py):
+    rank 0 alone reads and pools every client's shard; the other ranks wait."""
+    from gptfl_hpc.parallel.accel import server_count
+    from gptfl_hpc.train.centralised import INFO_NAME, SUMMARY_NAME, WEIGHTS_NAME, centralised
+
+    req = provenance.request("centralised", cfg, inputs={"data": data.digest})
+    run_dir = Path(out) / "centralised"
+
+    def work() -> dict:
+        server_count(comm, cfg.run)  # collective (cached): before only rank 0 goes on
+        # rank 0 trains alone (with the node's cores); the others wait, sleeping
+        with _server_threads(comm, cfg) if comm.rank == 0 else contextlib.nullcontext():
+            summary = centralised(cfg.pretrain, model_cfg=cfg.model, run_cfg=cfg.run,
+                                  manifest=data.manifest, data_dir=data.dir, out_dir=run_dir,
+                                  augment=cfg.fl.augment, fingerprint=req.fingerprint,
+                                  resume=resume, comm=comm)
+        return {"final_accuracy": summary["final_accuracy"],
+                "best_accuracy": summary["best_accuracy"]} if summary else {}
+
+    return _stage("centralised", comm, run_dir, req, what="the centralised reference",
+                  outputs={"summary": SUMMARY_NAME, "weights": WEIGHTS_NAME, "info": INFO_NAME},
+                  work=work)
+
+
 def algorithm_configs(cfg: Any) -> list[tuple[str, Any]]:
     """(name, config) of every run.algorithms entry: fl.algorithm and dp.enabled set by the
     name, then the entry's own fl./dp. overrides; validated like a config file (one-line
@@ -485,6 +514,10 @@ def run_pipeline(cfg: Any, out: str | Path, resume: bool = False, comm: Any = No
         stages["local_only"] = stage_local_only(cfg, out / "local_only", comm, data,
                                                 str(pre.path))
         local = out / "local_only"
+    central = None
+    if "centralised" in methods:
+        stages["centralised"] = stage_centralised(cfg, out, comm, data, resume)
+        central = out / "centralised"
     comm.barrier()
     if comm.rank != 0:
         return None
@@ -497,6 +530,7 @@ def run_pipeline(cfg: Any, out: str | Path, resume: bool = False, comm: Any = No
                           read_json(pre.path.parent / "pretrained.json") if pre else None, times,
                           synthetic=stages["synthesize"].path if pre else None,
                           local_only=read_json(local / "summary.json") if local else None,
-                          algorithms=[name for name, _ in algorithms])
+                          algorithms=[name for name, _ in algorithms],
+                          centralised=read_json(central / "summary.json") if central else None)
     log.info("run finished in %.1fs; report in %s", time.perf_counter() - t0, out / "report.md")
     return report

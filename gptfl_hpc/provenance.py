@@ -1,7 +1,7 @@
 """Is this output complete, and made from exactly this request? One mechanism for every stage.
 
-Every stage (prepare, generator, synthesize, pretrain, federate) describes what determines its
-result as a :class:`Request`:
+Every stage (prepare, generator, synthesize, pretrain, federate, local_only, centralised)
+describes what determines its result as a :class:`Request`:
 
 * ``config``: the values of the config fields the stage reads, declared once in
   :data:`STAGE_FIELDS` (a field that changes no result is declared in :data:`NO_EFFECT` with the
@@ -51,7 +51,8 @@ from gptfl_hpc.errors import StaleOutputError
 FORMAT = 1
 """Bump when the meaning of a stage's result changes for the same config."""
 
-STAGES = ("prepare", "generator", "synthesize", "pretrain", "federate", "local_only")
+STAGES = ("prepare", "generator", "synthesize", "pretrain", "federate", "local_only",
+          "centralised")
 
 # Config fields that determine each stage's result ("section.*" = every field of the section;
 # fields listed in INPUT_FIELDS or NO_EFFECT are taken out of a "*" again).
@@ -68,7 +69,10 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     "local_only": ("run.seed", "run.cpu_kernels", "model.*", "fl.rounds", "fl.local_epochs",
                    "fl.batch_size", "fl.client_optimizer", "fl.client_lr",
                    "fl.client_lr_schedule", "fl.client_momentum", "fl.client_weight_decay",
-                   "fl.augment", "fl.eval_batch_size"),
+                   "fl.body_lr_scale", "fl.augment", "fl.eval_batch_size"),
+    # the centralised reference: cfg.model trained from random init on the pooled private data
+    # with the pretraining loop and hyperparameters (gptfl_hpc/train/centralised.py)
+    "centralised": ("run.seed", "run.cpu_kernels", "pretrain.*", "model.*", "fl.augment"),
 }
 
 INPUT_FIELDS: dict[str, str] = {
@@ -81,7 +85,8 @@ INPUT_FIELDS: dict[str, str] = {
     "gen.speakers": "synthesize: content digest of the speaker x-vector file (empty: the "
                     "generator directory's own, inside its fingerprint)",
     "fl.init": "federate: content digest of the init checkpoint ('random': none)",
-    "pretrain.init": "pretrain: content digest of the backbone checkpoint (null: none)",
+    "pretrain.init": "pretrain: content digest of the backbone checkpoint (null: none); the "
+                     "centralised reference always starts from random init and ignores it",
 }
 
 NO_EFFECT: dict[str, str] = {

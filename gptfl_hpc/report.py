@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 LABELS = {"gptfl": "GPT-FL (FL from synthetic-pretrained model)",
           "fedavg": "FedAvg from random init", "synthetic_only": "synthetic only (no FL)",
-          "local_only": "local fine-tuning only (mean over clients)"}
+          "local_only": "local fine-tuning only (mean over clients)",
+          "centralised": "centralised on pooled private data (reference, not FL)"}
 NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedavgm": "FedAvgM", "fedadam": "FedAdam",
          "fedyogi": "FedYogi", "fedadagrad": "FedAdagrad", "scaffold": "SCAFFOLD",
          "dp_fedavg": "DP-FedAvg"}
@@ -47,7 +48,7 @@ def _at_round(curve: list[tuple[int, float]], rnd: int) -> float | None:
 
 
 def accuracy_plot(curves: dict, synthetic_only: float | None, path: Path,
-                  local_only: float | None = None) -> None:
+                  local_only: float | None = None, centralised: float | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,6 +65,8 @@ def accuracy_plot(curves: dict, synthetic_only: float | None, path: Path,
         ax.axhline(100 * synthetic_only, color="gray", ls="--", label=LABELS["synthetic_only"])
     if local_only is not None:
         ax.axhline(100 * local_only, color="gray", ls=":", label=LABELS["local_only"])
+    if centralised is not None:
+        ax.axhline(100 * centralised, color="black", ls="-.", label=LABELS["centralised"])
     ax.set_xlabel("FL round")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
@@ -98,11 +101,13 @@ def synthetic_quality(out: Path, synthetic: Path, manifest, data_dir: Path) -> d
 
 def write_report(cfg, out: Path, manifest, data_dir: Path, runs: dict[str, Path],
                  pre: dict | None, stages: dict[str, dict], synthetic: Path | None = None,
-                 local_only: dict | None = None, algorithms: list[str] | None = None) -> dict:
+                 local_only: dict | None = None, algorithms: list[str] | None = None,
+                 centralised: dict | None = None) -> dict:
     """`runs`: method -> its FL output directory (gptfl/fedavg, or X-gptfl/X-scratch for each
     X of `algorithms`); `pre`: pretrained.json; `synthetic`: the synthetic set; `stages`:
     stage -> {"seconds": ...} (the time each stage took when it ran, from its completion
-    record); `local_only`: the local-only control's summary.json."""
+    record); `local_only`: the local-only control's summary.json; `centralised`: the
+    centralised reference's summary.json (gptfl_hpc/train/centralised.py)."""
     sec = {k: v["seconds"] for k, v in stages.items()}
     server_time = sum(sec.get(k, 0.0) for k in ("generator", "synthesize", "pretrain"))
     results = {name: json.loads((d / "summary.json").read_text()) for name, d in runs.items()}
@@ -141,8 +146,17 @@ def write_report(cfg, out: Path, manifest, data_dir: Path, runs: dict[str, Path]
                      "rounds_to_target": None, "rounds_to_fedavg_final": None,
                      "wall_seconds": local_only["wall_seconds"] + server_time,
                      "accuracy_std": a["std"], "accuracy_min": a["min"], "accuracy_max": a["max"]})
+    if centralised is not None:
+        c = centralised["final_accuracy"]
+        rows.append({"method": "centralised", "final_accuracy": c,
+                     "best_accuracy": centralised["best_accuracy"], "accuracy_round_10": None,
+                     "rounds_to_target": None, "rounds_to_fedavg_final": None,
+                     "wall_seconds": centralised["wall_seconds"],
+                     "epochs": centralised["epochs"],
+                     "curve": [[h["epoch"], h["test_accuracy"]] for h in centralised["curve"]]})
     accuracy_plot(curves, syn_acc, out / "accuracy.png",
-                  local_only["test_accuracy"]["mean"] if local_only is not None else None)
+                  local_only["test_accuracy"]["mean"] if local_only is not None else None,
+                  centralised["final_accuracy"] if centralised is not None else None)
     quality = (synthetic_quality(out, synthetic, manifest, data_dir)
                if pre is not None and synthetic is not None else None)
     report = {"rows": rows, "target_accuracy": cfg.fl.target_accuracy, "stages": stages,
@@ -229,10 +243,19 @@ def render_markdown(cfg, manifest, report: dict) -> str:
         f"({d.partition}{f', alpha {d.alpha}' if d.partition == 'dirichlet' else ''}), "
         f"{report['clients_per_round']} per round, {report['rounds']} rounds, model "
         f"{cfg.model.name}, {cfg.fl.algorithm} (client {cfg.fl.client_optimizer} lr "
-        f"{cfg.fl.client_lr}, {cfg.fl.local_epochs} local epoch(s), batch {cfg.fl.batch_size}). "
+        f"{cfg.fl.client_lr}"
+        f"{'' if cfg.fl.body_lr_scale == 1.0 else f' (x{cfg.fl.body_lr_scale:g} below the head)'}"
+        f", {cfg.fl.local_epochs} local epoch(s), batch {cfg.fl.batch_size}). "
         "Every method sees the same client sampling sequence.", "",
         table(report), "", "![accuracy](accuracy.png)", "",
         "Wall time of GPT-FL includes the server stages (generator, synthesis, pretraining).", ""]
+    central = next((r for r in report["rows"] if r["method"] == "centralised"), None)
+    if central:
+        parts += [
+            "The centralised row is a reference upper bound, not an FL method: one process "
+            f"trained {cfg.model.name} from random init on the pooled private data of every "
+            f"client for {central['epochs']} epochs (pretrain.* settings; best test accuracy "
+            f"{_pct(central['best_accuracy'])}); no federation could run it.", ""]
     if report.get("algorithms"):
         parts += [
             "## GPT-FL combined with each FL algorithm", "",

@@ -44,13 +44,14 @@ def _args(**kw) -> argparse.Namespace:
 
 
 def test_cells_multiply_only_the_axes_a_method_uses(tmp_path: Path) -> None:
-    g = gr.plan(TINY, [], tmp_path, _args(methods="gptfl,fedavg,synthetic_only,fedopt",
-                                          seeds="0,1,2", alphas="0.1,0.5", volumes="1,2,3",
-                                          clients_per_round="2,4"))
+    g = gr.plan(TINY, [], tmp_path, _args(methods="gptfl,fedavg,synthetic_only,fedopt,"
+                                          "centralised", seeds="0,1,2", alphas="0.1,0.5",
+                                          volumes="1,2,3", clients_per_round="2,4"))
     cells = g["cells"]
     count = {m: sum(c["method"] == m for c in cells) for m in gr.METHODS}
+    # centralised uses neither the synthetic set nor FL rounds: seeds x alphas only
     assert count == {"gptfl": 3 * 2 * 3 * 2, "fedavg": 3 * 2 * 2, "gptfl_fedopt": 0,
-                     "fedopt": 3 * 2 * 2, "synthetic_only": 3 * 2 * 3}
+                     "fedopt": 3 * 2 * 2, "synthetic_only": 3 * 2 * 3, "centralised": 3 * 2}
     assert len({c["name"] for c in cells}) == len(cells)
     by = {c["name"]: c for c in cells}
     c = by["gptfl-seed1-alpha0.5-vol2-cpr4"]
@@ -59,6 +60,11 @@ def test_cells_multiply_only_the_axes_a_method_uses(tmp_path: Path) -> None:
                               f"run.store={tmp_path.resolve() / 'store'}"]
     assert by["fedavg-seed0-alpha0.1-cpr2"]["volume"] is None
     assert by["synthetic_only-seed2-alpha0.1-vol3"]["clients_per_round"] is None
+    assert by["centralised-seed2-alpha0.5"]["overrides"] == [
+        "run.methods=[centralised]", "run.seed=2", "data.alpha=0.5",
+        f"run.store={tmp_path.resolve() / 'store'}"]
+    assert (by["centralised-seed2-alpha0.5"]["volume"],
+            by["centralised-seed2-alpha0.5"]["clients_per_round"]) == (None, None)
     assert "fl.algorithm=fedadam" in by["fedopt-seed0-alpha0.1-cpr2"]["overrides"]
     assert "fl.server_lr=0.01" in by["fedopt-seed0-alpha0.1-cpr2"]["overrides"]
     # axes left out keep the config's values, without an override
@@ -70,7 +76,30 @@ def test_cells_multiply_only_the_axes_a_method_uses(tmp_path: Path) -> None:
     assert g["reference"] == {"volume": 0.3, "clients_per_round": 4, "alpha": 0.5}
 
 
+def test_iid_is_a_value_of_the_alpha_axis(tmp_path: Path) -> None:
+    g = gr.plan(TINY, [], tmp_path, _args(methods="gptfl,synthetic_only", seeds="0,1",
+                                          alphas="0.05,IID,0.5"))
+    by = {c["name"]: c for c in g["cells"]}
+    assert sorted(by) == sorted(f"{m}-seed{s}-{a}-vol0.3{'-cpr4' if m == 'gptfl' else ''}"
+                                for m in ("gptfl", "synthetic_only") for s in (0, 1)
+                                for a in ("alpha0.05", "iid", "alpha0.5"))
+    iid = by["gptfl-seed1-iid-vol0.3-cpr4"]
+    assert iid["alpha"] == "iid"
+    assert "data.partition=iid" in iid["overrides"]
+    assert not any(o.startswith("data.alpha=") for o in iid["overrides"])
+    cfg = load_config(TINY, iid["overrides"])
+    assert cfg.data.partition == "iid"
+    other = by["gptfl-seed1-alpha0.05-vol0.3-cpr4"]
+    assert other["alpha"] == 0.05 and "data.alpha=0.05" in other["overrides"]
+    assert load_config(TINY, other["overrides"]).data.partition == "dirichlet"
+
+
 @pytest.mark.parametrize("overrides,kw,match", [
+    ([], {"alphas": "0.1,x"}, r"--alphas '0.1,x': invalid; valid: distinct comma-separated "
+                              r"numbers and/or iid"),
+    ([], {"alphas": "iid,0.1,iid"}, r"--alphas 'iid,0.1,iid': invalid"),
+    ([], {"alphas": "0.1,-1"}, r"grid cell gptfl-seed0-alpha-1-vol0.3-cpr4: config key "
+                               r"data.alpha"),
     ([], {"methods": "gptfl,fedsgd"}, r"--methods gptfl,fedsgd: unknown fedsgd; valid: gptfl"),
     (["data.partition=iid"], {"alphas": "0.1"}, r"--alphas: data.partition is iid"),
     (["gen.count=100"], {"volumes": "1,2"}, r"--volumes: gen.count is set"),
@@ -359,3 +388,138 @@ def test_paper_config_list() -> None:
         "cifar10-convnet", "cifar10-resnet18", "cifar10-resnet20", "cifar10-vgg19",
         "cifar100-convnet", "cifar100-resnet50", "cifar100-vgg19", "covid19-resnet18",
         "eurosat-resnet18", "flowers102-convnet", "flowers102-resnet18", "food101-resnet18"]
+
+
+# ------------------------------------------------------------------------------ three-way
+
+
+SYN_ACC = {s: 0.60 + 0.01 * s for s in (0, 1, 2)}
+GAIN = {0.1: (0.05, 0.07, 0.04), 0.5: (0.03, None, None), "iid": (0.01, -0.02, 0.005)}
+"""GPT-FL's final minus synthetic-only's per seed (None: that GPT-FL cell failed)."""
+
+
+def _three_way_acc(method: str, seed: int, alpha) -> float:
+    if method == "synthetic_only":
+        return round(SYN_ACC[seed], 6)
+    if method == "gptfl":
+        return round(SYN_ACC[seed] + GAIN[alpha][seed], 6)
+    return round({"fedavg": 0.40 + 0.03 * seed, "centralised": 0.90 + 0.01 * seed}[method], 6)
+
+
+def _fabricate_three_way(tmp_path: Path) -> dict:
+    g = gr.plan(TINY, [], tmp_path, _args(methods="fedavg,gptfl,synthetic_only,centralised",
+                                          seeds="0,1,2", alphas="0.1,0.5,iid"))
+    gr.write_plan(tmp_path, g)
+    for c in g["cells"]:
+        d = tmp_path / "cells" / c["name"]
+        d.mkdir(parents=True)
+        if c["method"] == "gptfl" and GAIN[c["alpha"]][c["seed"]] is None:
+            (d / "cell.json").write_text('{"rc": 1}')
+            continue
+        final = _three_way_acc(c["method"], c["seed"], c["alpha"])
+        (d / "report.json").write_text(json.dumps({"rows": [
+            {"method": c["method"], "final_accuracy": final, "best_accuracy": final}]}))
+        (d / "cell.json").write_text('{"rc": 0}')
+        if c["method"] in ("gptfl", "fedavg"):
+            start = SYN_ACC[c["seed"]] if c["method"] == "gptfl" else 0.1
+            (d / c["method"]).mkdir()
+            (d / c["method"] / "metrics.jsonl").write_text("\n".join(
+                json.dumps({"round": r, "test_accuracy": start + (final - start) * r / 4})
+                for r in range(1, 5)))
+    return g
+
+
+def test_collect_says_whether_fl_adds_to_synthetic_only(tmp_path: Path) -> None:
+    from scipy import stats
+
+    g = _fabricate_three_way(tmp_path)
+    result = col.collect(tmp_path, target=0.5)
+    assert result["failed"] == 2 and str(tmp_path / "curves.png") in result["files"]
+    md = (tmp_path / "tables.md").read_text()
+    assert "| method | alpha 0.1 | alpha 0.5 | iid |" in md
+    central = _ms([_three_way_acc("centralised", s, None) for s in (0, 1, 2)])
+    assert f"| Centralised (pooled data, reference) | {central} | {central} | {central} |" in md
+    assert "| Centralised (pooled data, reference) | n/a (not FL) | n/a (not FL) |" in md
+    section = md.split("## Does FL add to synthetic-only?")[1].split("\n## ")[0]
+    rows = {}
+    for alpha, text in ((0.1, "alpha 0.1"), ("iid", "iid")):
+        d = [100 * v for v in GAIN[alpha]]  # independent of collect: t by hand, then its tail
+        t = statistics.mean(d) / (statistics.stdev(d) / math.sqrt(len(d)))
+        p = float(stats.t.sf(t, len(d) - 1))
+        gm = statistics.mean(_three_way_acc("gptfl", s, alpha) for s in (0, 1, 2))
+        sm = statistics.mean(SYN_ACC[s] for s in (0, 1, 2))
+        verdict = ("significantly above synthetic-only (p < 0.05)" if p < 0.05 else
+                   "NOT significantly above synthetic-only (p >= 0.05)")
+        rows[alpha] = (p, verdict)
+        assert (f"| {text} | 0.3x | 4 | GPT-FL | {100 * gm:.1f} | {100 * sm:.1f} | "
+                f"{statistics.mean(d):+.1f} ± {statistics.stdev(d):.1f} | 3 | {p:.3g} | "
+                f"{verdict} |") in section, section
+    assert rows[0.1][0] < 0.05 < rows["iid"][0]  # the fabricated gains: one clear, one not
+    assert ("| alpha 0.5 | 0.3x | 4 | GPT-FL | 63.0 | 60.0 | +3.0 | 1 | - | too few seeds to "
+            "test |") in section
+    csv_rows = {(r["method"], r["alpha"]): r for r in csv.DictReader(open(tmp_path /
+                                                                          "tables.csv"))}
+    r = csv_rows[("gptfl", "iid")]
+    assert r["vs_synthetic_pairs"] == "3"
+    assert float(r["vs_synthetic_p"]) == pytest.approx(rows["iid"][0])
+    assert float(r["vs_synthetic_diff_mean"]) == pytest.approx(statistics.mean(GAIN["iid"]))
+    assert r["vs_synthetic_verdict"].startswith("NOT significantly above synthetic-only")
+    assert csv_rows[("gptfl", "0.5")]["vs_synthetic_verdict"] == "too few seeds to test"
+    assert csv_rows[("fedavg", "0.1")]["vs_synthetic_verdict"] == ""
+    # the bands plot: per round mean ± sd over seeds; flat bands for the methods w/o rounds
+    cells = [col.read_cell(tmp_path, c, 0.5) for c in g["cells"]]
+    b = col.bands(g, cells)
+    assert list(b) == [0.1, 0.5, "iid"]
+    gptfl = b[0.1]["gptfl"]
+    assert gptfl["n"] == 3 and [r for r, _, _ in gptfl["rounds"]] == [1, 2, 3, 4]
+    at2 = [SYN_ACC[s] + (_three_way_acc("gptfl", s, 0.1) - SYN_ACC[s]) * 2 / 4
+           for s in (0, 1, 2)]
+    assert gptfl["rounds"][1][1:] == pytest.approx((statistics.mean(at2),
+                                                    statistics.stdev(at2)))
+    assert b[0.5]["gptfl"]["n"] == 1 and b[0.5]["gptfl"]["rounds"][0][2] == 0.0
+    syn = b["iid"]["synthetic_only"]
+    assert (syn["n"], syn["mean"], syn["sd"]) == (3, pytest.approx(statistics.mean(
+        SYN_ACC.values())), pytest.approx(statistics.stdev(SYN_ACC.values())))
+    assert b["iid"]["centralised"]["n"] == 3 and "rounds" not in b["iid"]["centralised"]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_without_scipy_or_matplotlib_collect_says_so(tmp_path: Path, monkeypatch,
+                                                     caplog) -> None:
+    g = _fabricate_three_way(tmp_path)
+    monkeypatch.setitem(sys.modules, "scipy", None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with caplog.at_level("WARNING", logger="gptfl_hpc.collect"):
+        result = col.collect(tmp_path, target=0.5)
+    assert not any(f.endswith(".png") for f in result["files"])
+    assert not (tmp_path / "curves.png").exists()
+    assert "matplotlib not installed" in caplog.text and "curves.png" in caplog.text
+    md = (tmp_path / "tables.md").read_text()
+    assert "| 3 | - | not tested: scipy is not installed (pip install scipy) |" in md
+    assert "too few seeds to test" in md  # one pair needs no scipy to be refused
+    assert len(g["cells"]) == result["ok"] + result["failed"]
+
+
+@pytest.mark.timeout(600)
+def test_local_grid_runs_the_centralised_reference_at_an_alpha_and_iid(tmp_path: Path) -> None:
+    out = tmp_path / "grid"
+    run_cli(["grid", TINY, *FAST, "--out", out, "--methods", "centralised", "--alphas",
+             "0.5,iid", "--ranks", "2"], timeout=540)
+    cells = {c.name: c for c in (out / "cells").iterdir()}
+    assert sorted(cells) == ["centralised-seed0-alpha0.5", "centralised-seed0-iid"]
+    finals = {}
+    for name, d in cells.items():
+        s = json.loads((d / "centralised" / "summary.json").read_text())
+        finals[name] = s["final_accuracy"]
+        assert len(s["curve"]) == 1 and s["best_accuracy"] == s["final_accuracy"]
+        log = (d / "cell.log").read_text()
+        assert "== stage centralised" in log and "== stage synthesize" not in log
+    manifests = {json.loads(m.read_text())["partition"]
+                 for m in (out / "store").glob("prepare-*/manifest.json")}
+    assert manifests == {"dirichlet", "iid"}
+    md = (out / "tables.md").read_text()
+    assert "| method | alpha 0.5 | iid |" in md
+    assert (f"| Centralised (pooled data, reference) | "
+            f"{100 * finals['centralised-seed0-alpha0.5']:.1f} | "
+            f"{100 * finals['centralised-seed0-iid']:.1f} |") in md
+    assert (out / "curves.png").is_file()

@@ -22,12 +22,26 @@ def client_lr(fl_cfg, round_: int) -> float:
     return fl_cfg.client_lr
 
 
-def make_optimizer(fl_cfg, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+def make_optimizer(fl_cfg, params: list[torch.nn.Parameter], lr: float,
+                   model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+    """The client optimiser. With fl.body_lr_scale < 1 (and the `model` given), every
+    parameter but the final classifier layer's (train/models.py classifier_head) gets the lr
+    times the scale; at 0 they are left out of the optimiser (frozen: bitwise unchanged). At 1
+    it is the plain optimiser over `params`, bit for bit as before the option existed."""
+    scale = float(getattr(fl_cfg, "body_lr_scale", 1.0))
+    groups: list = params
+    if scale != 1.0 and model is not None:
+        from gptfl_hpc.train.models import classifier_head
+
+        head = {id(p) for p in classifier_head(model).parameters()}
+        top = [p for p in params if id(p) in head]
+        body = [p for p in params if id(p) not in head]
+        groups = [{"params": top}] + ([{"params": body, "lr": lr * scale}] if scale > 0 else [])
     if fl_cfg.client_optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=fl_cfg.client_momentum,
+        return torch.optim.SGD(groups, lr=lr, momentum=fl_cfg.client_momentum,
                                weight_decay=fl_cfg.client_weight_decay)
     cls = torch.optim.Adam if fl_cfg.client_optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, weight_decay=fl_cfg.client_weight_decay)
+    return cls(groups, lr=lr, weight_decay=fl_cfg.client_weight_decay)
 
 
 @dataclass
@@ -72,7 +86,7 @@ def train_client(model: torch.nn.Module, params: list[torch.Tensor], global_para
 def _train(model: torch.nn.Module, params: list[torch.Tensor], global_params: torch.Tensor,
            images: torch.Tensor, labels: torch.Tensor, transform, fl_cfg,
            g: torch.Generator, round_: int, control: ControlVariates | None = None) -> float:
-    opt = make_optimizer(fl_cfg, params, client_lr(fl_cfg, round_))
+    opt = make_optimizer(fl_cfg, params, client_lr(fl_cfg, round_), model)
     n = len(labels)
     bs = fl_cfg.batch_size
     mu = fl_cfg.prox_mu if fl_cfg.algorithm == "fedprox" else 0.0

@@ -484,6 +484,17 @@ def build_model(model_cfg, in_shape: tuple[int, int, int] | list[int], num_class
     return model.train()
 
 
+def classifier_head(model: nn.Module) -> nn.Linear:
+    """The final classifier layer: the last ``nn.Linear`` in registration order (for every
+    registry model the layer that outputs the class logits; tests/test_models.py checks it).
+    fl.body_lr_scale scales the client lr of every other parameter."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ModelError(f"model {type(model).__name__}: no nn.Linear classifier layer; "
+                         "fl.body_lr_scale needs one (valid: fl.body_lr_scale=1.0)")
+    return linears[-1]
+
+
 def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -143,6 +143,9 @@ class Inputs:
     set: SetInfo
     labels: np.ndarray
     test: tuple[np.ndarray, np.ndarray] | None
+    leak_check: bool = True
+    """Refuse samples byte-identical to a test image (off for the centralised reference, whose
+    'set' is the real private pool: duplicates there are the source's, not a leak)."""
 
 
 def check_synthetic(path: Path, kind: str, input_shape: tuple, num_classes: int,
@@ -354,10 +357,11 @@ def load_host_copy(comm: Any, inputs: Inputs) -> Any:
     if comm.rank == 0:
         try:
             read_samples_into(info, host.array)
-            assert inputs.test is not None
-            check = LeakCheck(inputs.test[0])
-            check.count(host.array)
-            check.verdict(info.path)
+            if inputs.leak_check:
+                assert inputs.test is not None
+                check = LeakCheck(inputs.test[0])
+                check.count(host.array)
+                check.verdict(info.path)
         except GptflError as e:
             failure = e
     comm.barrier()  # the other ranks sleep while rank 0 reads
@@ -389,7 +393,8 @@ def load_to_devices(comm: Any, inputs: Inputs, dev: torch.device) -> torch.Tenso
         np.empty(0, dtype)).dtype, device=dev)
     step = max(1, SLAB_BYTES // max(1, info.row_bytes))
     buf = np.empty((min(step, info.num_samples), *info.sample_shape), dtype)
-    check = LeakCheck(inputs.test[0]) if inputs.test is not None else None
+    check = LeakCheck(inputs.test[0]) if inputs.test is not None and inputs.leak_check \
+        else None
     with contextlib.ExitStack() as stack:
         ds = stack.enter_context(open_h5(info.path, "r", what="synthetic set"))[info.dataset] \
             if comm.rank == 0 else None
@@ -398,8 +403,8 @@ def load_to_devices(comm: Any, inputs: Inputs, dev: torch.device) -> torch.Tenso
             part = buf[:b - a]
             if ds is not None:
                 ds.read_direct(part, np.s_[a:b], np.s_[0:b - a])
-                assert check is not None
-                check.count(part)
+                if check is not None:
+                    check.count(part)
             if comm.size > 1:
                 comm.bcast_(part)
             x[a:b].copy_(torch.from_numpy(part))
@@ -980,7 +985,8 @@ class Result:
 def pretrain(cfg: PretrainConfig, *, model_cfg: ModelConfig, run_cfg: Any,
              synthetic_path: str | Path, data_dir: str | Path, out_dir: str | Path,
              augment: bool, manifest: Any = None, fingerprint: str = "", resume: bool = False,
-             comm: Any = None) -> dict:
+             comm: Any = None, leak_check: bool = True,
+             names: tuple[str, str] = (WEIGHTS_NAME, INFO_NAME)) -> dict:
     """Train ``build_model(model_cfg, ...)`` on the synthetic set with DDP over the ranks of `comm`.
 
     Args:
@@ -995,6 +1001,8 @@ def pretrain(cfg: PretrainConfig, *, model_cfg: ModelConfig, run_cfg: Any,
         fingerprint: the stage's request fingerprint (checkpoints and outputs carry it).
         resume: continue a checkpoint of this request (else one is refused).
         comm: the processes taking part; None = the world.
+        leak_check: refuse samples identical to test images (see Inputs.leak_check).
+        names: the file names of the weights and the info JSON in `out_dir`.
 
     Returns:
         The ``pretrained.json`` dict, on every process.
@@ -1013,6 +1021,7 @@ def pretrain(cfg: PretrainConfig, *, model_cfg: ModelConfig, run_cfg: Any,
     use_cuda = want_cuda(run_cfg.device)
     mixed = _resolve_precision(cfg.mixed_precision, use_cuda)
     inputs = read_inputs(cfg, comm, manifest, data_dir, Path(synthetic_path).resolve())
+    inputs.leak_check = leak_check
     ckpt = Checkpointer(Path(out_dir) / CKPT_DIR, fingerprint)
     state = on_root(comm, lambda: ckpt.find(resume))
     nodes = plan_host(comm, inputs.set)
@@ -1037,7 +1046,7 @@ def pretrain(cfg: PretrainConfig, *, model_cfg: ModelConfig, run_cfg: Any,
         cfg, model_cfg, run_cfg, inputs, result, out=Path(out_dir), data_dir=data_dir,
         ckpt=ckpt, augment=augment, fingerprint=fingerprint, mixed=mixed,
         device_type="cuda" if use_cuda else "cpu", num_processes=comm.size,
-        wall=time.perf_counter() - t_start))
+        wall=time.perf_counter() - t_start, names=names))
 
 
 def make_model(model_cfg: ModelConfig, cfg: PretrainConfig, inputs: Inputs, model_shape: tuple,
@@ -1196,14 +1205,15 @@ def run_epochs(cfg: PretrainConfig, comm: Any, trainer: Trainer,
 def write_outputs(cfg: PretrainConfig, model_cfg: ModelConfig, run_cfg: Any, inputs: Inputs,
                   r: Result, *, out: Path, data_dir: str | Path, ckpt: Checkpointer,
                   augment: bool, fingerprint: str, mixed: str, device_type: str,
-                  num_processes: int, wall: float) -> dict:
+                  num_processes: int, wall: float,
+                  names: tuple[str, str] = (WEIGHTS_NAME, INFO_NAME)) -> dict:
     """Rank 0: the weights, then pretrained.json; the checkpoint goes."""
     m, history = inputs.manifest, r.history
     last = history[-1]
     shape = [int(s) for s in m.input_shape]
     train_s = sum(h["train_seconds"] for h in history)
     images_seen = len(history) * r.steps_per_epoch * cfg.batch_size
-    save_safetensors(r.final_state, out / WEIGHTS_NAME,
+    save_safetensors(r.final_state, out / names[0],
                      metadata={"format": "gptfl-pretrained", "fingerprint": fingerprint,
                                "model": json.dumps(dataclasses.asdict(model_cfg)),
                                "input_shape": json.dumps(shape),
@@ -1235,8 +1245,8 @@ def write_outputs(cfg: PretrainConfig, model_cfg: ModelConfig, run_cfg: Any, inp
         "images_per_second": images_seen / train_s if train_s > 0 else None,
         "history": history,
     }
-    write_json(out / INFO_NAME, info)
+    write_json(out / names[1], info)
     ckpt.remove()
     log.info("pretrain: done; synthetic-only test accuracy %.4f, macro-F1 %.4f -> %s",
-             last["test_accuracy"], last["test_macro_f1"], out / WEIGHTS_NAME)
+             last["test_accuracy"], last["test_macro_f1"], out / names[0])
     return info
