@@ -90,7 +90,7 @@ class RoundBuffer:
             if not bool((x.abs() < LIMIT).all()):
                 return None
             return torch.round(x * SCALE).to(torch.int64)
-        return update.float() * np.float32(scale)
+        return update.float() * float(np.float32(scale))
 
     def add_vector(self, encoded: torch.Tensor, start: int = 0) -> None:
         self._vec[start:start + encoded.numel()].add_(encoded.to(self._vec.device))

@@ -7,7 +7,9 @@ updates (up to float summation order in the cross-rank sum).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -15,21 +17,21 @@ import torch.nn.functional as F
 from gptfl_hpc.seeding import derive, torch_generator
 
 
-def client_lr(fl_cfg, round_: int) -> float:
+def client_lr(fl_cfg: Any, round_: int) -> float:
     """The client learning rate of a round (a pure function of the round: resume-safe)."""
     if fl_cfg.client_lr_schedule == "cosine":
         return fl_cfg.client_lr * 0.5 * (1.0 + math.cos(math.pi * (round_ - 1) / fl_cfg.rounds))
     return fl_cfg.client_lr
 
 
-def make_optimizer(fl_cfg, params: list[torch.nn.Parameter], lr: float,
+def make_optimizer(fl_cfg: Any, params: Sequence[torch.Tensor], lr: float,
                    model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
     """The client optimiser. With fl.body_lr_scale < 1 (and the `model` given), every
     parameter but the final classifier layer's (train/models.py classifier_head) gets the lr
     times the scale; at 0 they are left out of the optimiser (frozen: bitwise unchanged). At 1
     it is the plain optimiser over `params`, bit for bit as before the option existed."""
     scale = float(getattr(fl_cfg, "body_lr_scale", 1.0))
-    groups: list = params
+    groups: list = list(params)
     if scale != 1.0 and model is not None:
         from gptfl_hpc.train.models import classifier_head
 
@@ -63,8 +65,9 @@ class ControlVariates:
         return self.grad_sum / max(self.steps, 1)
 
 
-def train_client(model: torch.nn.Module, params: list[torch.Tensor], global_params: torch.Tensor,
-                 images: torch.Tensor, labels: torch.Tensor, transform, fl_cfg, *, seed: int,
+def train_client(model: torch.nn.Module, params: Sequence[torch.Tensor],
+                 global_params: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                 transform: Any, fl_cfg: Any, *, seed: int,
                  client_id: int, round_: int, control: ControlVariates | None = None) -> float:
     """Train `model` in place on one client's data; return the mean training loss.
 
@@ -83,8 +86,8 @@ def train_client(model: torch.nn.Module, params: list[torch.Tensor], global_para
                       round_, control)
 
 
-def _train(model: torch.nn.Module, params: list[torch.Tensor], global_params: torch.Tensor,
-           images: torch.Tensor, labels: torch.Tensor, transform, fl_cfg,
+def _train(model: torch.nn.Module, params: Sequence[torch.Tensor], global_params: torch.Tensor,
+           images: torch.Tensor, labels: torch.Tensor, transform: Any, fl_cfg: Any,
            g: torch.Generator, round_: int, control: ControlVariates | None = None) -> float:
     opt = make_optimizer(fl_cfg, params, client_lr(fl_cfg, round_), model)
     n = len(labels)
@@ -124,7 +127,7 @@ def _train(model: torch.nn.Module, params: list[torch.Tensor], global_params: to
     return float(total.item()) / max(count, 1)
 
 
-def _split_like(flat: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+def _split_like(flat: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Views of `flat` shaped like `params`, in order."""
     out, offset = [], 0
     for p in params:

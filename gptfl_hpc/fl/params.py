@@ -64,7 +64,7 @@ class FlatModel:
 
     def check_views(self) -> bool:
         """True while every module tensor still aliases the flat buffer."""
-        named = dict(self.model.named_parameters())
+        named: dict[str, torch.Tensor] = dict(self.model.named_parameters())
         named.update(dict(self.model.named_buffers()))
         return all(named[n].data_ptr() == v.data_ptr() for n, v in self.views.items())
 
