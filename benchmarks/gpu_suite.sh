@@ -25,7 +25,7 @@
 #   B  bench     benchmarks/bench_synthesis.py --quick --compile off (eager).
 #   D  cpu16     benchmarks/bench_exchange.py --ranks 2,4,8,16 and `gptfl-hpc scale
 #                configs/scaling.yaml --ranks 2,4,8,16 --mode weak` (run.device=cpu, one core per
-#                rank, as the README's 2-core table).
+#                rank, as the 2-core table in docs/slurm.md).
 #   X  optional  only with budget left: the GPU federate again (bitwise reproducible?),
 #                gen.compile=true on the tiny SD (recompiles, graph breaks), 2 server ranks on 1
 #                GPU (must be refused up front with one line), benchmarks/bench_fl_round.py
@@ -79,7 +79,7 @@ export PRTE_MCA_rmaps_default_mapping_policy=${PRTE_MCA_rmaps_default_mapping_po
 export PRTE_MCA_hwloc_default_binding_policy=${PRTE_MCA_hwloc_default_binding_policy:-none}
 if [ "$DRY" != 1 ]; then
   # the lent VM's memory grows on demand, so MemAvailable starts far below its 128 GiB: tell
-  # pretraining's host-memory plan what the node really offers (README "host memory")
+  # pretraining's host-memory plan what the node really offers (gptfl_hpc/train/pretrain.py)
   export GPTFL_HOST_MEMORY_GIB=${GPTFL_HOST_MEMORY_GIB:-100}
 fi
 if ! "$PY" -c "import diffusers, submitit" >/dev/null 2>&1; then

@@ -47,8 +47,9 @@ class RunConfig:
     seed: int = 0
     """Base seed (0 <= seed < 2**63); every other seed derives from (seed, purpose, ids...)."""
     threads: int = 0
-    """torch intra-op threads per rank; 0 = automatic (the rank's share of its CPUs; see
-    README "Threads"). With cpu_kernels=invariant the results do not depend on it."""
+    """torch intra-op threads per rank; 0 = automatic (the rank's share of its CPUs, the
+    sleeping server's share going to the client ranks; docs/slurm.md, "One rank per task").
+    With cpu_kernels=invariant the results do not depend on it."""
     cpu_kernels: Literal["invariant", "fast"] = "invariant"
     """CPU kernels of FL client training and server pretraining. invariant: results do not
     depend on the thread count, so 1 and N ranks (1 and N nodes) train the same weights; fast:

@@ -91,7 +91,7 @@ INPUT_FIELDS: dict[str, str] = {
 
 NO_EFFECT: dict[str, str] = {
     "run.threads": "under run.cpu_kernels=invariant the CPU kernels give the same bits at any "
-                   "thread count (tests/test_numerics.py); with 'fast' they do not (README)",
+                   "thread count (tests/test_models.py); with 'fast' they do not (numerics.py)",
     "run.device": "where the stages run; the resolved device type and dtype that change the "
                   "numbers enter the synthesis request as derived values",
     "run.methods": "which stages `run` executes; each stage is identified by its own request",
