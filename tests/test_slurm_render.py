@@ -28,7 +28,7 @@ from gptfl_hpc.launch.slurm import (
 )
 
 DATA = Path(__file__).parent / "data"
-# documented in the README table; every template must define each of these
+# documented in the table of docs/slurm.md; every template must define each of these
 COMMON_VARS = ("GPTFL_PYTHON", "GPTFL_LAUNCH", "GPTFL_SRUN_MPI", "GPTFL_SRUN_ARGS",
                "GPTFL_MPIEXEC", "GPTFL_GPUS_PER_TASK", "GPTFL_REQUEUE", "GPTFL_MAX_RESTARTS",
                "GPTFL_WORKDIR", "HF_HUB_OFFLINE", "CONFIG", "GPTFL_OVERRIDES")
