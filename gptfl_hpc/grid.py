@@ -241,17 +241,20 @@ def write_plan(out: Path, grid: dict) -> None:
     write_json(path, grid)
 
 
-def cell_argv(grid: dict, cell: dict, out: Path) -> list[str]:
+def cell_argv(grid: dict, cell: dict, out: Path, resume: bool = False) -> list[str]:
     return ["run", grid["config"], *grid["overrides"], *cell["overrides"], "--out",
-            str(out / "cells" / cell["name"])]
+            str(out / "cells" / cell["name"]), *(["--resume"] if resume else [])]
 
 
 # ------------------------------------------------------------------------------ local
 
 
-def run_local(grid: dict, out: Path, ranks: int, timeout: float | None) -> dict[str, int]:
+def run_local(grid: dict, out: Path, ranks: int, timeout: float | None,
+              resume: bool = False) -> dict[str, int]:
     """Every cell in turn under ``mpiexec -n RANKS``; a failed cell does not stop the others.
-    Returns {cell: exit code}; each cell's log is cells/<cell>/cell.log."""
+    Returns {cell: exit code}; each cell's log is cells/<cell>/cell.log. `resume`: each cell
+    runs with --resume (continue what a killed grid left: its cells and the store's stages;
+    finished stages are reused either way)."""
     from gptfl_hpc.fsio import write_json
     from gptfl_hpc.parallel.env import without_launcher
 
@@ -262,7 +265,7 @@ def run_local(grid: dict, out: Path, ranks: int, timeout: float | None) -> dict[
         cdir = out / "cells" / cell["name"]
         cdir.mkdir(parents=True, exist_ok=True)
         cmd = [*mpiexec_command(ranks), sys.executable, "-m", "mpi4py", "-m", "gptfl_hpc",
-               *cell_argv(grid, cell, out)]
+               *cell_argv(grid, cell, out, resume)]
         t0 = time.monotonic()
         log.info("grid cell %d/%d %s: %s", i, len(cells), cell["name"], shlex.join(cmd))
         with open(cdir / CELL_LOG, "ab") as f:
@@ -403,6 +406,9 @@ def add_grid_args(p: argparse.ArgumentParser) -> None:
                    help="slurm: at most this many array tasks at once (--array=...%%N)")
     p.add_argument("--wait", action="store_true",
                    help="slurm: wait for the array, then collect")
+    p.add_argument("--resume", action="store_true",
+                   help="local: run every cell with --resume, continuing the partial stages a "
+                        "killed grid left (a Slurm array task resumes by itself when requeued)")
     p.add_argument("--dry-run", action="store_true",
                    help="write grid.json (and grid.sbatch) and list the cells; run nothing")
 
@@ -438,7 +444,7 @@ def run_grid_command(args: argparse.Namespace, cfg: Any, *, scripts: ModuleType,
         wait_array(job, args.timeout)
         return 0 if collect(out)["ok"] == n else 1
     ranks = args.ranks or cfg.slurm.nodes * cfg.slurm.tasks_per_node
-    codes = run_local(grid, out, ranks, args.timeout)
+    codes = run_local(grid, out, ranks, args.timeout, resume=args.resume)
     result = collect(out)
     failed = [k for k, rc in codes.items() if rc != 0]
     if failed:

@@ -523,3 +523,27 @@ def test_local_grid_runs_the_centralised_reference_at_an_alpha_and_iid(tmp_path:
             f"{100 * finals['centralised-seed0-alpha0.5']:.1f} | "
             f"{100 * finals['centralised-seed0-iid']:.1f} |") in md
     assert (out / "curves.png").is_file()
+
+
+def test_resume_reaches_every_local_cell(tmp_path: Path, monkeypatch) -> None:
+    """`grid --resume` runs each cell with --resume (a killed grid's partial stages in the
+    store are refused without it); without it the cells run as before."""
+    grid = {"config": TINY, "overrides": ["fl.rounds=2"],
+            "cells": [{"name": "gptfl-seed0", "overrides": ["run.seed=0"]}]}
+    assert gr.cell_argv(grid, grid["cells"][0], tmp_path)[-1] != "--resume"
+    assert gr.cell_argv(grid, grid["cells"][0], tmp_path, resume=True)[-3:] == [
+        "--out", str(tmp_path / "cells" / "gptfl-seed0"), "--resume"]
+    seen: list[list[str]] = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(gr.subprocess, "run", fake_run)
+    monkeypatch.setattr(gr, "mpiexec_command", lambda n: ["mpiexec", "-n", str(n)])
+    assert gr.run_local(grid, tmp_path, 3, None, resume=True) == {"gptfl-seed0": 0}
+    assert seen[0][:3] == ["mpiexec", "-n", "3"] and seen[0][-1] == "--resume"
+    p = argparse.ArgumentParser()
+    gr.add_grid_args(p)
+    assert p.parse_args(["--resume"]).resume
+    assert not p.parse_args([]).resume
