@@ -79,7 +79,7 @@ import numpy as np
 
 from gptfl_hpc.config import DataConfig
 from gptfl_hpc.data.partition import stratified_split
-from gptfl_hpc.data.sources import TAG_TEST, Source, _label_names, _test_count
+from gptfl_hpc.data.sources import TAG_TEST, Source, _label_names, _test_count, dataset_root
 from gptfl_hpc.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -260,18 +260,6 @@ def _check_keys(cfg: DataConfig, natural: bool) -> None:
 # Speech Commands v0.02
 
 
-def _root_with(cfg: DataConfig, candidates: Sequence[str], need: Sequence[str],
-               hint: str) -> Path:
-    root = Path(cfg.root or "").expanduser()
-    for c in ("", *candidates):
-        d = root / c
-        if all((d / n).exists() for n in need):
-            return d
-    where = ", ".join(str(root / c) for c in ("", *candidates))
-    raise DataError(f"data.root={root}: no {cfg.source} layout ({', '.join(need)}) in {where}; "
-                    f"{hint}")
-
-
 def _audio_files(d: Path) -> list[str]:
     found = []
     for base, dirs, files in os.walk(d, followlinks=True):
@@ -287,10 +275,11 @@ SPEAKER_RE = re.compile(r"^([0-9a-fA-F]+)_nohash_\d+\.wav$")
 def load_speech_commands(cfg: DataConfig, seed: int) -> Source:
     """Speech Commands v0.02 (Warden 2018), the 35-word task; natural partition by speaker."""
     _check_keys(cfg, natural=True)
-    d = _root_with(cfg, ("speech_commands_v0.02", "speech_commands"),
-                   ["validation_list.txt", "testing_list.txt"],
-                   "download http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz "
-                   "and extract it there (it unpacks to <word>/ folders and the two lists)")
+    d = dataset_root(cfg, "speech_commands_v0.02", "speech_commands",
+                     need=["validation_list.txt", "testing_list.txt"],
+                     hint="download http://download.tensorflow.org/data/"
+                          "speech_commands_v0.02.tar.gz and extract it there (it unpacks to "
+                          "<word>/ folders and the two lists)")
     words = sorted(p.name for p in d.iterdir()
                    if p.is_dir() and not p.name.startswith((".", "_")))
     if len(words) < 2:
@@ -346,9 +335,9 @@ def load_esc50(cfg: DataConfig, seed: int) -> Source:
     """ESC-50 (Piczak 2015): 2,000 5-s clips of 50 classes in 5 folds; fold data.test_fold
     (default 5) is the test set, the clients split the other four (data.partition)."""
     _check_keys(cfg, natural=False)
-    d = _root_with(cfg, ("ESC-50-master", "ESC-50", "esc50"), ["audio", "meta/esc50.csv"],
-                   "download https://github.com/karolpiczak/ESC-50/archive/master.zip and "
-                   "extract it there (it unpacks to ESC-50-master/audio and /meta)")
+    d = dataset_root(cfg, "ESC-50-master", "ESC-50", "esc50", need=["audio", "meta/esc50.csv"],
+                     hint="download https://github.com/karolpiczak/ESC-50/archive/master.zip and "
+                          "extract it there (it unpacks to ESC-50-master/audio and /meta)")
     test_fold = cfg.test_fold or 5
     meta = d / "meta" / "esc50.csv"
     rows: list[tuple[str, int, int, str]] = []

@@ -57,7 +57,13 @@ import numpy as np
 
 from gptfl_hpc.config import DataConfig
 from gptfl_hpc.data.partition import stratified_split
-from gptfl_hpc.data.sources import TAG_TEST, Source, _label_names, _test_count
+from gptfl_hpc.data.sources import (
+    TAG_TEST,
+    Source,
+    _label_names,
+    _test_count,
+    dataset_root,
+)
 from gptfl_hpc.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -338,18 +344,6 @@ def _files(paths: Sequence[str], cfg: DataConfig) -> ImageFiles:
     return ImageFiles(np.asarray([str(p) for p in paths], dtype=str), _size(cfg), cfg.resize)
 
 
-def _root(cfg: DataConfig, *candidates: str, need: Sequence[str], hint: str) -> Path:
-    """The first of root/<candidate> that holds every path in `need`."""
-    root = Path(cfg.root or "").expanduser()
-    for c in ("", *candidates):
-        d = root / c
-        if all((d / n).exists() for n in need):
-            return d
-    where = ", ".join(str(root / c) for c in ("", *candidates))
-    raise DataError(f"data.root={root}: no {cfg.source} layout ({', '.join(need)}) in {where}; "
-                    f"{hint}")
-
-
 def _source(cfg: DataConfig, name: str, names: list[str], train: tuple[list[str], np.ndarray],
             test: tuple[list[str], np.ndarray]) -> Source:
     _pil()  # Pillow is there, before any work
@@ -485,7 +479,7 @@ def _image_folder_split_file(cfg: DataConfig, root: Path) -> Source:
 
 def load_flowers102(cfg: DataConfig, seed: int) -> Source:
     _check_not_other_keys(cfg)
-    d = _root(cfg, "flowers-102", "flowers102", need=["jpg", "imagelabels.mat", "setid.mat"],
+    d = dataset_root(cfg, "flowers-102", "flowers102", need=["jpg", "imagelabels.mat", "setid.mat"],
               hint="download 102flowers.tgz, imagelabels.mat and setid.mat from "
                    "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ into it and extract the "
                    "tgz (it unpacks to jpg/)")
@@ -536,7 +530,7 @@ def _mat_vector(path: Path, key: str) -> np.ndarray:
 
 def load_food101(cfg: DataConfig, seed: int) -> Source:
     _check_not_other_keys(cfg)
-    d = _root(cfg, "food-101", "food101", need=["images", "meta/train.txt", "meta/test.txt"],
+    d = dataset_root(cfg, "food-101", "food101", need=["images", "meta/train.txt", "meta/test.txt"],
               hint="download http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz and extract it "
                    "there (it unpacks to food-101/images and food-101/meta)")
     classes_txt = d / "meta" / "classes.txt"
@@ -651,7 +645,7 @@ def load_covid19(cfg: DataConfig, seed: int) -> Source:
 
 def load_caltech101(cfg: DataConfig, seed: int) -> Source:
     _check_not_other_keys(cfg)
-    d = _root(cfg, "caltech101", "caltech-101", need=["101_ObjectCategories"],
+    d = dataset_root(cfg, "caltech101", "caltech-101", need=["101_ObjectCategories"],
               hint="download caltech-101.zip (https://data.caltech.edu/records/mzrjq-6wc02) and "
                    "extract 101_ObjectCategories.tar.gz there")
     d = d / "101_ObjectCategories"

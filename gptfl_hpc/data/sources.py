@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import logging
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,20 @@ class Source:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.train_images.shape[1:])
 
+
+
+def dataset_root(cfg: DataConfig, *candidates: str, need: Sequence[str], hint: str) -> Path:
+    """The first of data.root/<candidate> (data.root itself first) that holds every path in
+    `need`: where a downloaded dataset archive was extracted. Else a one-line DataError naming
+    the places looked at and `hint` (what to download)."""
+    root = Path(cfg.root or "").expanduser()
+    for c in ("", *candidates):
+        d = root / c
+        if all((d / n).exists() for n in need):
+            return d
+    where = ", ".join(str(root / c) for c in ("", *candidates))
+    raise DataError(f"data.root={root}: no {cfg.source} layout ({', '.join(need)}) in {where}; "
+                    f"{hint}")
 
 def load_source(cfg: DataConfig, seed: int) -> Source:
     """Load ``cfg.source`` and split it (public / test / private pool) with ``seed``."""
