@@ -2,6 +2,7 @@
 
     python benchmarks/bench_fl_round.py --setup-pfl /tmp/pfl-venv      # once: pfl in its own venv
     python benchmarks/bench_fl_round.py --json bench_fl_round.json      # ~15 min on 2 quiet cores
+                                                                        # (+ the vmapped runs)
     python benchmarks/bench_fl_round.py --no-pfl --tiny                 # plumbing only, ~30 s
 
 Two workloads, each run by both systems in the same invocation:
@@ -25,9 +26,14 @@ Runs (``--procs``, ``--pfl-workers``):
   or under ``mpiexec -n P`` (rank 0 server, P-1 client ranks), P in 1,2,3 by default. Threads
   are the engine's own choice (``run.threads=0``: its share of the CPUs) unless
   ``--ours-threads``; what each rank used is read back from summary.json and printed.
-- ours, variant (``--ours-extra-overrides KEY=VAL ...``, label ``--ours-extra-label``): the
-  slot for the vmapped client mode (for example ``--ours-extra-overrides fl.vmap=true
-  --ours-extra-label vmapped`` once that key exists); the same runs with those overrides.
+- ours, vmapped (system ``ours:vmap``): the same runs with ``fl.vmap_clients=N``, each client
+  rank training up to N of its clients of a round at once (gptfl_hpc/fl/cohort.py).
+  ``--vmap-clients N``; default: the shape's clients per round (a rank's whole share at once);
+  0 turns it off; off with ``--tiny`` unless given. ``--vmap-procs``: its process counts
+  (default ``--procs``). Its rows add ``vs_ours``: its median lap over ours at the same
+  process count (< 1: the vmapped mode is faster).
+- ours, variant (``--ours-extra-overrides KEY=VAL ...``, label ``--ours-extra-label``): any
+  other mode of ours; the same runs with those overrides.
 - pfl: the PyPI ``pfl`` package (``PFL_VERSION``) with torch==2.13.0 in a SEPARATE venv
   (``--setup-pfl DIR`` makes it: ``python3 -m venv DIR && DIR/bin/pip install torch==2.13.0
   pfl==0.6.0``), driven by this file's ``--pfl-worker`` mode (the training script of pfl's
@@ -576,6 +582,14 @@ def _schedule(args: argparse.Namespace, rounds: int, clients: int, k: int
     return [sample_clients(args.seed, r, clients, k) for r in range(1, rounds + 1)]
 
 
+def vmap_clients(args: argparse.Namespace, shape: Shape) -> int:
+    """fl.vmap_clients of the shape's vmapped runs (0: none): --vmap-clients, or by default
+    the shape's clients per round (off with --tiny)."""
+    if args.vmap_clients >= 0:
+        return int(args.vmap_clients)
+    return 0 if args.tiny else int(shape.info.get("clients_per_round", 0))
+
+
 def build_shapes(args: argparse.Namespace, work: Path) -> list[Shape]:
     import yaml
 
@@ -817,7 +831,12 @@ def summarise(results: list[RunResult], shapes: list[Shape]) -> list[dict]:
                 mine.append(row)
             rows.append(row)
         target = TARGETS[shape.name]
+        seq = {row["procs"]: row for row in mine if row["system"] == "ours"}
         for row in mine:
+            ref_ours = seq.get(row["procs"])
+            row["vs_ours"] = (row["s_per_round"] / ref_ours["s_per_round"]
+                              if row["system"] != "ours" and ref_ours and ref_ours["s_per_round"]
+                              and row["s_per_round"] is not None else None)
             ref = pfl_rows.get(row["training_procs"])
             ratio = best = None
             if ref and ref["s_per_round"] and row["s_per_round"] is not None:
@@ -871,6 +890,13 @@ def print_report(rows: list[dict], shapes: list[Shape], results: list[RunResult]
                   f"{_f(r['startup_s'], '.1f')} | {_f(r['eval_s'], '.2f')} | "
                   f"{_f(r['accuracy'], '.4f')} | {_f(r['load'], '.1f')} | {pfl_col} | "
                   f"{ratio_col} |")
+        versus = [r for r in rows if r["shape"] == shape.name and r.get("vs_ours") is not None]
+        if versus:
+            print("\nmedian lap vs ours (sequential clients) at the same procs: "
+                  + "; ".join(f"{r['system']} procs={r['procs']} {r['vs_ours']:.2f}x"
+                              for r in versus)
+                  + (f" (fl.vmap_clients={shape.info['vmap_clients']})"
+                     if shape.info.get("vmap_clients") else ""))
     noisy = [r for r in rows if r["min_s"] and r["max_s"] and r["max_s"] > 2 * r["min_s"]]
     if noisy:
         print("\nNOISY (steady laps spread > 2x, other work on the machine?): "
@@ -964,9 +990,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ours-overrides", nargs="*", default=[], metavar="KEY=VAL",
                    help="extra config overrides for all of our runs")
     p.add_argument("--ours-extra-overrides", nargs="*", default=[], metavar="KEY=VAL",
-                   help="SLOT for a second mode of ours (e.g. the vmapped client mode): these "
-                   "runs repeat ours with the overrides, as system ours:<label>")
+                   help="another mode of ours: these runs repeat ours with the overrides, as "
+                   "system ours:<label>")
     p.add_argument("--ours-extra-label", default="extra", help="label of that variant")
+    p.add_argument("--vmap-clients", type=int, default=-1, metavar="N",
+                   help="also run ours with fl.vmap_clients=N (system ours:vmap); default: the "
+                   "shape's clients per round (off with --tiny); 0: off")
+    p.add_argument("--vmap-procs", default="", help="process counts of the vmapped runs "
+                   "(default: --procs)")
     p.add_argument("--ours-extra-procs", default="", help="process counts of the variant "
                    "(default: --procs)")
     p.add_argument("--pfl-python", default=os.environ.get("PFL_PYTHON",
@@ -1003,6 +1034,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.pfl_workers = _int_list(args.pfl_workers, "--pfl-workers", 1)
     args.ours_extra_procs = (_int_list(args.ours_extra_procs, "--ours-extra-procs", 1)
                              if args.ours_extra_procs else args.procs)
+    args.vmap_procs = (_int_list(args.vmap_procs, "--vmap-procs", 1) if args.vmap_procs
+                       else args.procs)
+    if args.vmap_clients < -1:
+        raise _bench_error(f"--vmap-clients {args.vmap_clients}: valid: >= 0 (0: off)")
     for key in ("repeats",):
         if getattr(args, key) < 1:
             raise _bench_error(f"--{key} {getattr(args, key)}: valid: >= 1")
@@ -1072,13 +1107,18 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"[bench] data ready in {time.perf_counter() - t0:.1f} s ({work})", file=sys.stderr,
               flush=True)
         results: list[RunResult] = []
-        variants: list[tuple[str, list[str], list[int]]] = [
-            ("ours", list(args.ours_overrides), args.procs)]
-        if args.ours_extra_overrides:
-            variants.append((f"ours:{args.ours_extra_label}",
-                             [*args.ours_overrides, *args.ours_extra_overrides],
-                             args.ours_extra_procs))
         for shape in shapes:
+            variants: list[tuple[str, list[str], list[int]]] = [
+                ("ours", list(args.ours_overrides), args.procs)]
+            vmap = vmap_clients(args, shape)
+            if vmap:
+                variants.append(("ours:vmap", [*args.ours_overrides, f"fl.vmap_clients={vmap}"],
+                                 args.vmap_procs))
+                shape.info["vmap_clients"] = vmap
+            if args.ours_extra_overrides:
+                variants.append((f"ours:{args.ours_extra_label}",
+                                 [*args.ours_overrides, *args.ours_extra_overrides],
+                                 args.ours_extra_procs))
             for rep in range(args.repeats):
                 plan: list[tuple[str, int, list[str]]] = []
                 for system, extra, procs in variants:
@@ -1109,6 +1149,8 @@ def _bench(args: argparse.Namespace) -> int:
                          "tiny": args.tiny, "ours_overrides": args.ours_overrides,
                          "ours_extra_overrides": args.ours_extra_overrides,
                          "ours_extra_label": args.ours_extra_label,
+                         "vmap_clients": {s.name: s.info.get("vmap_clients", 0)
+                                          for s in shapes},
                          "ours_threads": args.ours_threads or "engine default",
                          "pfl_threads": args.pfl_threads or "cores // workers",
                          "quiet_load": args.quiet_load, "pfl_sampler": args.pfl_sampler},

@@ -24,7 +24,7 @@ from gptfl_hpc.errors import ConfigError
 
 # Kept here (not imported from gptfl_hpc.models) so validating a config never imports torch.
 # tests/test_models.py asserts that this tuple equals the registry's keys.
-MODEL_NAMES = ("digits_cnn", "convnet", "resnet20", "resnet18", "resnet50", "vgg19",
+MODEL_NAMES = ("digits_cnn", "lenet5", "convnet", "resnet20", "resnet18", "resnet50", "vgg19",
                "simple_cnn", "audio_crnn", "audio_cnn")
 ALGORITHMS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
 """The server algorithms DP-FedAvg can run with (fl.algorithm also takes scaffold)."""
@@ -35,7 +35,8 @@ frozen = dataclass(frozen=True, kw_only=True, slots=True)
 EMBEDDED_SOURCES = ("digits", "speech_embedded", "mnist_embedded")
 """Sources that ship with the package (or are made from what packages ship): no data.root."""
 MAX_INT = 2**31 - 1
-"""Largest integer any config key accepts (run.seed: 2**63 - 1)."""
+"""Largest integer any config key accepts (the seed keys: 2**63 - 1)."""
+SEED_KEYS = ("run.seed", "data.split_seed", "gen.train.seed")
 MAX_BATCH = 2**20
 """Largest batch size or per-call sample count any config key accepts."""
 MAX_NESTING = 16
@@ -181,6 +182,12 @@ class DataConfig:
     test_fold: int = 0
     """esc50 only: the fold (1..5) held out as the test set (the clients get a Dirichlet
     partition of the other four); 0 = fold 5."""
+    split_seed: int | None = None
+    """Seed of the source's own splits (the generator's public split, the test split where
+    the source has none of its own); null: run.seed. Pin it to keep the public split, the test
+    set and hence the embedded generator fixed while run.seed (the client partition, sampling,
+    synthesis, pretraining and FL) varies over a study's seeds. The partition always uses
+    run.seed."""
 
     def __post_init__(self) -> None:
         _check(0 <= self.image_size <= 4096, "data.image_size", self.image_size,
@@ -192,6 +199,8 @@ class DataConfig:
         _check(0 <= self.test_fold <= 5, "data.test_fold", self.test_fold,
                "0 (fold 5) or a fold 1..5 (esc50)")
         _check(0 <= self.workers <= 4096, "data.workers", self.workers, "0 (auto) .. 4096")
+        _check(self.split_seed is None or 0 <= self.split_seed < 2**63, "data.split_seed",
+               self.split_seed, "null (run.seed) or 0 <= seed < 2**63")
         _check(0.0 <= self.public_fraction < 1.0, "data.public_fraction", self.public_fraction,
                "0 <= x < 1")
         _check(self.test_size > 0, "data.test_size", self.test_size, "> 0")
@@ -287,6 +296,13 @@ class FLConfig:
     so a round exchanges exactly ONE collective; rank 0 re-broadcasts its weights at every
     checkpoint as a guard against drift. bcast: only rank 0 steps and Bcasts the new weights
     each round (one more collective; use it on heterogeneous nodes)."""
+    vmap_clients: int = 0
+    """0: a rank trains its clients of a round one after another. N >= 1: up to N of them at
+    once with torch.func (vmap over per-client parameters and optimiser states), the same
+    per-client maths up to float reassociation in batched kernels (gptfl_hpc/fl/cohort.py);
+    for many small clients, above all on a GPU (on a CPU only small models gain; measured in
+    docs/algorithms.md). Models it cannot match (BatchNorm, recurrent layers) and central DP
+    fall back to the sequential loop with a log line."""
 
     def __post_init__(self) -> None:
         for key in ("rounds", "clients_per_round", "local_epochs", "batch_size", "eval_every",
@@ -304,6 +320,8 @@ class FLConfig:
         _check(self.server_tau > 0, "fl.server_tau", self.server_tau, "> 0")
         _check(self.prox_mu >= 0, "fl.prox_mu", self.prox_mu, ">= 0")
         _check(self.client_cache_mb >= 0, "fl.client_cache_mb", self.client_cache_mb, ">= 0")
+        _check(0 <= self.vmap_clients <= 65536, "fl.vmap_clients", self.vmap_clients,
+               "0 (off: one client after another) or 1 .. 65536 clients at once")
         _check(self.client_weight_decay >= 0, "fl.client_weight_decay", self.client_weight_decay,
                ">= 0")
         _check(0.0 <= self.body_lr_scale <= 1.0, "fl.body_lr_scale", self.body_lr_scale,
@@ -378,6 +396,10 @@ class GenTrainConfig:
     block_out_channels: list[int] = field(default_factory=lambda: [32, 64])
     checkpoint_every: int = 500
     """Save a resumable training checkpoint every this many steps (0: only when preempted)."""
+    seed: int | None = None
+    """Seed of the generator's training; null: run.seed. With data.split_seed pinned as well,
+    one generator serves every run.seed of a study (its request names the resolved seed, so
+    null and the same number are the same request)."""
 
     def __post_init__(self) -> None:
         _check(self.steps >= 1, "gen.train.steps", self.steps, ">= 1")
@@ -391,6 +413,8 @@ class GenTrainConfig:
         _check(self.lr > 0, "gen.train.lr", self.lr, "> 0")
         _check(0 <= self.ema_decay < 1, "gen.train.ema_decay", self.ema_decay, "[0, 1)")
         _check(0 <= self.cond_dropout < 1, "gen.train.cond_dropout", self.cond_dropout, "[0, 1)")
+        _check(self.seed is None or 0 <= self.seed < 2**63, "gen.train.seed", self.seed,
+               "null (run.seed) or 0 <= seed < 2**63")
 
 
 @frozen
@@ -644,7 +668,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            limit = 2**63 - 1 if key == "run.seed" else MAX_INT
+            limit = 2**63 - 1 if key in SEED_KEYS else MAX_INT
             if abs(value) > limit:
                 raise ConfigError(f"config key {key}: invalid value {value!r}; valid: an "
                                   f"integer of magnitude <= {limit}")

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 SHIPPED_GENERATOR = ASSETS / "digits-generator"
+"""configs/digits.yaml's generator; configs/mnist.yaml's is assets/mnist-generator. Every
+assets/*-generator with a generator record is a candidate (:func:`shipped_generator`)."""
 GENERATOR_OUTPUTS = {"unet": "unet", "scheduler": "scheduler"}
 _LOCKS: list[Any] = []  # directory locks this process holds until it exits
 
@@ -207,6 +209,18 @@ def generator_request(cfg: Any, data: Prepared) -> provenance.Request:
                    label_names=list(m.label_names), image_shape=list(m.input_shape))
 
 
+def shipped_generator(fingerprint: str) -> Path | None:
+    """The shipped generator (assets/*-generator) whose record has this request fingerprint
+    and whose files still have the recorded digests, or None."""
+    for d in sorted(ASSETS.glob("*-generator")):
+        rec = provenance.read_record(d, "generator") if d.is_dir() else None
+        if rec and rec.get("fingerprint") == fingerprint and all(
+                provenance.digest(d / o["path"]) == o["digest"]
+                for o in rec.get("outputs", {}).values()):
+            return d
+    return None
+
+
 def stage_generator(cfg: Any, out: Path, comm: Any, data: Prepared,
                     resume: bool = False) -> Output:
     """The generator synthesis uses: a local directory, or the embedded one trained on the
@@ -231,16 +245,15 @@ def stage_generator(cfg: Any, out: Path, comm: Any, data: Prepared,
         return {"trained": how}
 
     def rank0() -> str:
-        shipped = provenance.read_record(SHIPPED_GENERATOR, "generator") \
-            if SHIPPED_GENERATOR.is_dir() else None
-        if shipped and shipped.get("fingerprint") == req.fingerprint and not gen_dir.exists():
+        shipped = shipped_generator(req.fingerprint)
+        if shipped is not None and not gen_dir.exists():
             tmp = gen_dir.with_name(f".{gen_dir.name}.copy")
             shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(SHIPPED_GENERATOR, tmp)
+            shutil.copytree(shipped, tmp)
             (tmp / provenance.record_path(tmp, "generator").name).unlink()
             tmp.rename(gen_dir)
             log.info("embedded generator: the shipped weights were trained for exactly this "
-                     "request; reusing them (%s)", SHIPPED_GENERATOR)
+                     "request; reusing them (%s)", shipped)
             return "shipped"
         from gptfl_hpc.gen.embedded import train_generator
         from gptfl_hpc.numerics import training_kernels

@@ -50,8 +50,8 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def test_tiny_run_json_matches_engine_outputs(tmp_path):
-    """Both shapes; ours under mpiexec -n 2 and, through the variant slot (the future vmapped
-    mode's), as one plain process with an extra override."""
+    """Both shapes; ours under mpiexec -n 2 and, through the variant slot (the one the vmapped
+    mode uses), as one plain process with an extra override."""
     out = tmp_path / "bench.json"
     work = tmp_path / "work"
     p = _bench(["--tiny", "--no-pfl", "--shapes", "cifar,digits", "--procs", "2",
@@ -115,8 +115,8 @@ def test_tiny_run_json_matches_engine_outputs(tmp_path):
 
 
 def test_a_failing_run_is_reported_not_raised(tmp_path):
-    """A federate run that exits non-zero (here: a config key the engine does not know, as the
-    vmapped mode's key is today) becomes ok=False with the CLI's one-line error."""
+    """A federate run that exits non-zero (here: a config key the engine does not know) becomes
+    ok=False with the CLI's one-line error."""
     bench = _load_bench()
     shape = bench.Shape("digits", "d", REPO / "configs" / "tiny.yaml", [], rounds=2, warmup=1,
                         pfl_spec={})

@@ -11,7 +11,7 @@ import pytest
 
 from gptfl_hpc import signals
 from gptfl_hpc.config import GenConfig, GenTrainConfig
-from gptfl_hpc.errors import DataError, ModelError, Preempted, StaleOutputError
+from gptfl_hpc.errors import ConfigError, DataError, ModelError, Preempted, StaleOutputError
 from gptfl_hpc.gen.embedded import PROVENANCE, checkpoint_path, train_generator
 
 TINY = GenTrainConfig(steps=20, batch_size=32, block_out_channels=[8, 16], checkpoint_every=0)
@@ -88,6 +88,29 @@ def test_same_seed_same_weights_and_reuse(trained, public, tmp_path):
     (tmp_path / "foreign").mkdir()
     with pytest.raises(StaleOutputError, match="no gptfl_generator.json"):
         train_generator(TINY, x, y, 10, tmp_path / "foreign", seed=0)
+
+
+def test_gen_train_seed_overrides_run_seed(trained, public, tmp_path):
+    """gen.train.seed takes run.seed's place: the request names the resolved seed (null with
+    run.seed=N is the same request as N), and the weights follow it, not run.seed."""
+    import dataclasses
+
+    from gptfl_hpc.gen.embedded import generator_request
+
+    x, y = public
+    def fp(train, seed):
+        return generator_request(train, public_sha256="p", seed=seed, label_names=None,
+                                 image_shape=[8, 8, 1]).fingerprint
+
+    pinned = dataclasses.replace(TINY, seed=0)
+    assert fp(TINY, 0) == fp(pinned, 0) == fp(pinned, 7)
+    assert fp(TINY, 7) != fp(pinned, 7) and fp(dataclasses.replace(TINY, seed=7), 0) == fp(TINY, 7)
+    again = train_generator(pinned, x, y, 10, tmp_path / "pinned", seed=5,
+                            label_names=[str(i) for i in range(10)])
+    _same_weights(trained, again)  # trained with run.seed 0 and no gen.train.seed
+    assert json.loads((again / PROVENANCE).read_text())["seed"] == 0
+    with pytest.raises(ConfigError, match=r"gen.train.seed.*valid: null \(run.seed\)"):
+        GenTrainConfig(seed=-3)
 
 
 def test_preempted_training_resumes_bit_identically(trained, public, tmp_path, monkeypatch):

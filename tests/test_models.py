@@ -25,6 +25,7 @@ def cfg(name, width=128, depth=3):
 # (name, input (H, W, C), classes, parameters): the numbers of the paper's models
 COUNTS = [
     ("digits_cnn", (8, 8, 1), 10, 151_306),
+    ("lenet5", (28, 28, 1), 10, 61_706),  # LeCun et al. 1998's count
     ("simple_cnn", (32, 32, 3), 10, 1_626_442),
     ("convnet", (32, 32, 3), 10, 320_010),
     ("convnet", (32, 32, 3), 100, 504_420),

@@ -130,6 +130,25 @@ def test_digits_deterministic_per_seed(tmp_path: Path, digits) -> None:
     assert [c.sha256 for c in other.clients] != [c.sha256 for c in m.clients]
 
 
+def test_split_seed_pins_public_and_test_splits_only(tmp_path: Path, digits) -> None:
+    """data.split_seed fixes the source's splits (public, test) while run.seed still draws the
+    client partition; null means run.seed (the same shards as without the key)."""
+    import dataclasses
+
+    cfg, _, m = digits
+    pinned = dataclasses.replace(cfg, split_seed=0)
+    same = prepare_data(pinned, seed=0, out_dir=tmp_path / "a")
+    assert [c.sha256 for c in same.clients] == [c.sha256 for c in m.clients]
+    assert same.public.sha256 == m.public.sha256 and same.test.sha256 == m.test.sha256
+    other = prepare_data(pinned, seed=1, out_dir=tmp_path / "b")
+    assert other.public.sha256 == m.public.sha256 and other.test.sha256 == m.test.sha256
+    assert [c.sha256 for c in other.clients] != [c.sha256 for c in m.clients]
+    moved = prepare_data(dataclasses.replace(cfg, split_seed=1), seed=0, out_dir=tmp_path / "c")
+    assert moved.public.sha256 != m.public.sha256 and moved.test.sha256 != m.test.sha256
+    with pytest.raises(ConfigError, match=r"data.split_seed.*valid: null \(run.seed\)"):
+        DataConfig(split_seed=-1)
+
+
 def test_swapped_shard_detected_by_manifest(tmp_path: Path) -> None:
     m = prepare_data(DataConfig(num_clients=3, partition="iid"), seed=0, out_dir=tmp_path)
     a, b = m.client_path(tmp_path, 0), m.client_path(tmp_path, 1)

@@ -177,23 +177,47 @@ def test_exception_in_any_phase_on_any_rank_ends_the_job(reference, tmp_path, ra
     assert f"injected fault on rank {rank} in phase {phase}" in p.stderr, p.stderr[-3000:]
 
 
-def test_shipped_generator_is_reused_by_every_rank_count(tmp_path):
-    """configs/digits.yaml's generator request matches the shipped weights: `run` under
+@pytest.mark.parametrize("config,asset,seed", [("digits", "digits-generator", 0),
+                                               ("mnist", "mnist-generator", 2)])
+def test_shipped_generator_is_reused_by_every_rank_count(tmp_path, config, asset, seed):
+    """Each shipped config's generator request matches its shipped weights: `run` under
     mpiexec -n 3 copies them (no training) and every rank goes on (it hung once: rank 0 took
-    the shipped path and skipped the barrier the other ranks waited in)."""
+    the shipped path and skipped the barrier the other ranks waited in). With data.split_seed
+    and gen.train.seed pinned in the config, another run.seed reuses them too (mnist, seed 2)."""
     from gptfl_hpc import provenance
-    from gptfl_hpc.pipeline import SHIPPED_GENERATOR
+    from gptfl_hpc.pipeline import ASSETS
 
+    shipped = ASSETS / asset
     out = tmp_path / "run"
     # smaller stages after the generator; none of these keys is in the generator's request
-    p = run_cli(["run", "configs/digits.yaml", "--out", out, "run.methods=[synthetic_only]",
-                 "gen.volume=0.1", "gen.steps=2", "pretrain.epochs=1",
+    p = run_cli(["run", f"configs/{config}.yaml", "--out", out, "run.methods=[synthetic_only]",
+                 f"run.seed={seed}", "gen.volume=0.1", "gen.steps=2", "pretrain.epochs=1",
                  "pretrain.batch_size=32"], n=3, timeout=300)
     assert "the shipped weights were trained for exactly this request" in p.stderr
     assert "training the embedded generator" not in p.stderr
     unet = "unet/diffusion_pytorch_model.safetensors"
-    assert (out / "generator" / unet).read_bytes() == (SHIPPED_GENERATOR / unet).read_bytes()
+    assert (out / "generator" / unet).read_bytes() == (shipped / unet).read_bytes()
     assert provenance.read_record(out / "generator", "generator")["fingerprint"] == \
-        provenance.read_record(SHIPPED_GENERATOR, "generator")["fingerprint"]
+        provenance.read_record(shipped, "generator")["fingerprint"]
     assert json.loads((out / "report.json").read_text())["rows"][0]["method"] == \
         "synthetic_only"
+
+
+def test_shipped_generator_needs_its_fingerprint_and_intact_files(tmp_path, monkeypatch):
+    """shipped_generator() hands out a shipped directory only for its own request fingerprint
+    and only while its files have the recorded digests (a damaged asset is retrained, never
+    used)."""
+    import shutil
+
+    from gptfl_hpc import pipeline, provenance
+
+    assets = tmp_path / "assets"
+    shutil.copytree(pipeline.SHIPPED_GENERATOR, assets / "digits-generator")
+    (assets / "espeak-generator").mkdir()  # no generator record: never a candidate
+    monkeypatch.setattr(pipeline, "ASSETS", assets)
+    fp = provenance.read_record(assets / "digits-generator", "generator")["fingerprint"]
+    assert pipeline.shipped_generator(fp) == assets / "digits-generator"
+    assert pipeline.shipped_generator("0" * 32) is None
+    cfg = assets / "digits-generator" / "scheduler" / "scheduler_config.json"
+    cfg.write_text(cfg.read_text().replace("squaredcos_cap_v2", "linear"))
+    assert pipeline.shipped_generator(fp) is None

@@ -262,7 +262,7 @@ def prepare_data(cfg: DataConfig, seed: int, out_dir: str | Path,
     digest = fingerprint or config_hash(cfg, seed)
 
     # Step 1: load the source and partition it (everything is checked before any write)
-    src = load_source(cfg, seed)
+    src = load_source(cfg, seed if cfg.split_seed is None else cfg.split_seed)
     lazy = is_lazy(src.train_images)
     mean, std = ([], []) if lazy else norm_stats(src)
     left_out = None  # lazy sources: pool samples outside train_fraction (statistics only)

@@ -9,9 +9,10 @@ callbacks; torchtitan's ``Trainer.train``).
 Per round (all ranks; ``fl.sync=replicated``, the default):
   Step 1. Every rank derives the round's sampled clients from (seed, round) and, with balanced
           placement, the same assignment of those clients to the client ranks: no message.
-  Step 2. Each client rank trains its clients of the round one after another from the global
-          model and adds their weighted updates (n_k / N) (w_k - w) plus statistics into ONE
-          flat buffer (fl/aggregate.py; exact fixed point by default).
+  Step 2. Each client rank trains its clients of the round one after another (or
+          fl.vmap_clients at a time, fl/cohort.py) from the global model and adds their
+          weighted updates (n_k / N) (w_k - w) plus statistics into ONE flat buffer
+          (fl/aggregate.py; exact fixed point by default).
   Step 3. One in-place ``Allreduce(SUM)`` of that buffer (the server contributes zeros).
   Step 4. Every rank applies the same deterministic server optimiser step to the same reduced
           buffer, so the round costs exactly one collective; rank 0 re-broadcasts its weights at
@@ -34,6 +35,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,8 @@ from gptfl_hpc.fl.aggregate import (
     sq_norm,
 )
 from gptfl_hpc.fl.checkpoint import CheckpointPolicy, Checkpoints
-from gptfl_hpc.fl.client import train_client
+from gptfl_hpc.fl.client import ControlVariates, train_client
+from gptfl_hpc.fl.cohort import CohortTrainer
 from gptfl_hpc.fl.dp import DPState
 from gptfl_hpc.fl.fedavg import ServerOptimizer, gradient_diversity
 from gptfl_hpc.fl.params import FlatModel
@@ -158,6 +161,10 @@ class ClientData:
 
 # ------------------------------------------------------------------------------ one round
 
+Trained = tuple[int, float, float, torch.Tensor, ControlVariates | None]
+"""A client trained in a round: (client, samples, mean loss, trained flat model, SCAFFOLD's
+control variates)."""
+
 
 @dataclass
 class RoundResult:
@@ -256,6 +263,7 @@ class Federation:
                 for cid in range(me, num_clients, len(self.workers)):
                     manifest.check_client(data_dir, cid)
         self.fault_nan = faults.nan_clients()
+        self.cohort = self._cohort() if fl.vmap_clients and is_worker else None
 
     # -------------------------------------------------------------------- state
 
@@ -388,21 +396,13 @@ class Federation:
 
     def _train(self, rnd: int, todo: list[int], total: float) -> None:
         """Train this rank's clients of the round; add their encoded updates to the buffer."""
-        fl, buf, wm = self.fl, self.buffer, self.work_model
-        assert wm is not None and self.data is not None
+        buf = self.buffer
+        assert self.data is not None
         global_dev = self.global_model.flat.to(self.dev)  # no copy on the CPU
-        for cid in todo:
-            faults.point("client", self.comm.rank)
-            wm.flat.copy_(global_dev)
-            x, y = self.data.get(cid)
-            control = self.scaffold.begin(cid, self.dev) if self.scaffold is not None else None
-            loss = train_client(wm.model, wm.params, global_dev[:self.n_params], x, y,
-                                self.transform, fl, seed=self.seed, client_id=cid, round_=rnd,
-                                control=control)
-            update = wm.flat - global_dev
+        for cid, n_k, loss, trained, control in self._trained(rnd, todo, global_dev):
+            update = trained - global_dev
             if cid in self.fault_nan:
                 update[0] = float("nan")
-            n_k = float(len(y))
             if not (bool(torch.isfinite(update).all()) and np.isfinite(loss)):
                 log.warning("round %d: client %d sent a non-finite update; dropped", rnd, cid)
                 buf.add_stat(S_DROPPED, 1)
@@ -435,6 +435,76 @@ class Federation:
                 continue
             buf.add_stat(S_SQNORM, (n_k / total) ** 2 * sq_norm(update[:self.n_params]))
             buf.add_stat(S_LOSS, n_k * loss)
+
+    def _trained(self, rnd: int, todo: list[int], global_dev: torch.Tensor
+                 ) -> Iterator[Trained]:
+        """(client, samples, mean loss, its trained flat model, SCAFFOLD's control) for each
+        client of `todo`, in order: one after another (train_client), or fl.vmap_clients at a
+        time (fl/cohort.py). A yielded model is only valid until the next one is asked for."""
+        wm, data = self.work_model, self.data
+        assert wm is not None and data is not None
+        step = max(1, self.cohort.size if self.cohort is not None else len(todo))
+        for start in range(0, len(todo), step):
+            chunk = todo[start:start + step]
+            if self.cohort is not None:
+                for _ in chunk:
+                    faults.point("client", self.comm.rank)
+                trained = self._train_chunk(rnd, chunk, global_dev)
+                if trained is not None:
+                    yield from trained
+                    continue
+            for cid in chunk:
+                faults.point("client", self.comm.rank)
+                wm.flat.copy_(global_dev)
+                x, y = data.get(cid)
+                control = (self.scaffold.begin(cid, self.dev) if self.scaffold is not None
+                           else None)
+                loss = train_client(wm.model, wm.params, global_dev[:self.n_params], x, y,
+                                    self.transform, self.fl, seed=self.seed, client_id=cid,
+                                    round_=rnd, control=control)
+                yield cid, float(len(y)), loss, wm.flat, control
+
+    def _train_chunk(self, rnd: int, chunk: list[int], global_dev: torch.Tensor
+                     ) -> list[Trained] | None:
+        """The clients of `chunk` trained together (fl.vmap_clients), or None when the vmapped
+        step failed: then the rank trains one client after another from here on."""
+        assert self.cohort is not None and self.data is not None
+        controls = ([self.scaffold.begin(cid, self.dev) for cid in chunk]
+                    if self.scaffold is not None else None)
+        data = [self.data.get(cid) for cid in chunk]
+        try:
+            rows, losses = self.cohort.train(
+                global_dev[:self.n_params], data,
+                self.transform, seed=self.seed, client_ids=chunk, round_=rnd, controls=controls)
+        except (RuntimeError, NotImplementedError) as e:
+            if isinstance(e, faults.InjectedFault):
+                raise
+            log.warning("fl.vmap_clients: the vmapped step failed on rank %d (%s); this rank "
+                        "trains its clients one after another from now on", self.comm.rank,
+                        str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self.cohort = None
+            return None
+        return [(cid, float(len(data[i][1])), loss, row, None if controls is None else controls[i])
+                for i, (cid, loss, row) in enumerate(zip(chunk, losses, rows))]
+
+    def _cohort(self) -> CohortTrainer | None:
+        """fl.vmap_clients: the rank's vmapped trainer, or None (one log line says why)."""
+        from gptfl_hpc.data.manifest import KIND_DTYPES
+
+        assert self.work_model is not None
+        # zero samples of the shards' shape and dtype: the trainer probes the model with them
+        example = torch.zeros((3, *self.manifest.input_shape), device=self.dev,
+                              dtype=getattr(torch, KIND_DTYPES[self.manifest.kind]))
+        cohort = CohortTrainer(self.work_model.model, self.fl, self.transform, example,
+                               dp=self.dp is not None)
+        if cohort.reason is None and self.n_model != self.n_params:
+            cohort.reason = "the model has float buffers"
+        if cohort.reason is None:
+            return cohort
+        if self.comm.rank == self.workers[0]:
+            log.info("fl.vmap_clients=%d: clients are trained one after another: %s",
+                     self.fl.vmap_clients, cohort.reason)
+        return None
 
 
 # ------------------------------------------------------------------------------ hooks

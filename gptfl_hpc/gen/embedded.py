@@ -86,14 +86,26 @@ def _check_data(images: np.ndarray, labels: np.ndarray, num_classes: int) -> Non
                         f"0..{num_classes - 1}")
 
 
+def resolved_seed(train_cfg: Any, seed: int) -> int:
+    """The generator's training seed: gen.train.seed when set, else `seed` (run.seed)."""
+    own = getattr(train_cfg, "seed", None)
+    return int(seed if own is None else own)
+
+
 def generator_request(train_cfg: Any, *, public_sha256: str, seed: int,
                       label_names: list[str] | None, image_shape: list[int]) -> Any:
     """The request that identifies an embedded generator: the generator stage's request
-    (gptfl_hpc/provenance.py) for a config with these sections."""
+    (gptfl_hpc/provenance.py) for a config with these sections. The training seed enters
+    resolved, as run.seed (gen.train.seed when set, else `seed`), so gen.train.seed=null with
+    run.seed=N and gen.train.seed=N are the same request."""
+    import dataclasses
+
     from gptfl_hpc import provenance
     from gptfl_hpc.config import Config, GenConfig, RunConfig
 
-    cfg = Config(run=RunConfig(seed=int(seed)), gen=GenConfig(train=train_cfg))
+    seed = resolved_seed(train_cfg, seed)
+    train_cfg = dataclasses.replace(train_cfg, seed=None)
+    cfg = Config(run=RunConfig(seed=seed), gen=GenConfig(train=train_cfg))
     return provenance.request(
         "generator", cfg, inputs={"public_split": public_sha256},
         derived={"label_names": list(label_names) if label_names else None,
@@ -242,8 +254,9 @@ def train_generator(train_cfg: Any, images: np.ndarray, labels: np.ndarray, num_
     """Train the embedded generator on the public split and save it into `out_dir`.
 
     `images`: uint8 (N, H, W, C); `labels`: ints in [0, num_classes). `label_names` (optional) is
-    recorded so that synthesis can check that the task's classes are the generator's.
-    `fingerprint`: the request's (the pipeline passes its stage's); None builds it with
+    recorded so that synthesis can check that the task's classes are the generator's. `seed`:
+    run.seed (``train_cfg.seed``, gen.train.seed, takes its place when set). `fingerprint`:
+    the request's (the pipeline passes its stage's); None builds it with
     :func:`generator_request`. `resume`: continue a checkpoint of this request (else refused).
     Returns `out_dir`. Raises Preempted (after saving a checkpoint) on
     SIGUSR1/SIGTERM/GPTFL_STOP_AFTER.
@@ -254,6 +267,7 @@ def train_generator(train_cfg: Any, images: np.ndarray, labels: np.ndarray, num_
     from gptfl_hpc.errors import StaleOutputError
 
     signals.install()
+    seed = resolved_seed(train_cfg, seed)
     out_dir = Path(out_dir)
     labels = np.asarray(labels).astype(np.int64, copy=False)
     _check_data(images, labels, num_classes)
