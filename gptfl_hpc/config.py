@@ -278,6 +278,18 @@ class FLConfig:
     keep_checkpoints: int = 2
     target_accuracy: float = 0.9
     """summary.json reports the first round whose test accuracy reaches this."""
+    select: Literal["last", "synthetic_val"] = "last"
+    """Which global model a GPT-FL run (FL from the pretrained model) returns. last: the last
+    round's. synthetic_val: the one with the best accuracy on the server's validation split of
+    the synthetic set (``pretrain.val_fraction`` of it, never trained on), measured at round 0
+    (the pretrained model) and every ``eval_every`` rounds; ties go to the earlier round. The
+    server never looks at private data, and the test split plays no part in the choice.
+    ``final.safetensors`` holds the selected weights; summary.json's ``selection`` names the
+    round, its validation and test accuracy. FL from random init (FedAvg from scratch) has no
+    synthetic data and always returns the last round."""
+    patience: int = 0
+    """With select=synthetic_val: stop FL once this many evaluations in a row have not
+    improved the best validation accuracy (0: run all fl.rounds)."""
     aggregation: Literal["exact", "float32"] = "exact"
     """exact: the round's weighted updates are summed in int64 fixed point (grid 2**-40), so
     the new global model is bit-identical for any rank count, placement and reduction order;
@@ -330,6 +342,10 @@ class FLConfig:
                "0 < x <= 1 (a fraction, not a percentage)")
         _check(self.init == "random" or self.init.endswith(".safetensors"), "fl.init", self.init,
                "'random' or a path ending in .safetensors")
+        _check(0 <= self.patience <= 1_000_000, "fl.patience", self.patience,
+               "0 (off) or a number of evaluations >= 1")
+        _check(self.patience == 0 or self.select == "synthetic_val", "fl.patience",
+               self.patience, "0 unless fl.select=synthetic_val (it stops on that split)")
 
 
 @frozen
@@ -521,8 +537,15 @@ class PretrainConfig:
     before pretraining; a head of another class count is skipped and reported. null: random
     init. The paper's VGG-19 silently started from ImageNet weights: here it is explicit, in
     pretrained.json and the report."""
+    val_fraction: float = 0.0
+    """Hold out this fraction of every class of the synthetic set as the server's validation
+    split (drawn from run.seed; never trained on). Pretraining reports its accuracy per epoch;
+    ``fl.select=synthetic_val`` chooses GPT-FL's returned model and ``fl.patience`` stops FL on
+    it. 0: train on the whole set."""
 
     def __post_init__(self) -> None:
+        _check(0.0 <= self.val_fraction <= 0.5, "pretrain.val_fraction", self.val_fraction,
+               "0 (off) .. 0.5")
         for key in ("epochs", "batch_size"):
             _check(getattr(self, key) >= 1, f"pretrain.{key}", getattr(self, key), ">= 1")
         _check(self.batch_size <= MAX_BATCH, "pretrain.batch_size", self.batch_size,
@@ -833,6 +856,9 @@ def _cross_checks(cfg: Config) -> None:
     _check(fl.clients_per_round <= data.num_clients, "fl.clients_per_round",
            fl.clients_per_round, f"<= data.num_clients ({data.num_clients})")
     check_dp_algorithm(cfg.dp, fl)
+    _check(fl.select != "synthetic_val" or cfg.pretrain.val_fraction > 0, "fl.select",
+           fl.select, "'last', or 'synthetic_val' with pretrain.val_fraction > 0 (the split it "
+           "chooses on)")
 
 
 def check_dp_algorithm(dp: Any, fl: Any) -> None:

@@ -356,21 +356,55 @@ def stage_federate(cfg: Any, run_dir: Path, comm: Any, data: Prepared, init: str
     from gptfl_hpc.fl.engine import federate
 
     inputs = {"data": data.digest}
+    val_ref = None
     if init != "random":
         inputs["init"] = provenance.digest(init)
+        if cfg.fl.select == "synthetic_val":
+            val_ref = synthetic_val_of(init)
+            inputs["synthetic_val"] = val_ref["digest"]
     sub_cfg = dataclasses.replace(cfg, fl=dataclasses.replace(cfg.fl, init=init))
     req = provenance.request("federate", sub_cfg, inputs=inputs)
 
     def work() -> dict:
+        from gptfl_hpc.train.synval import read_rows
+
+        val = (read_rows(val_ref["path"], val_ref["rows"], val_ref["dataset"])
+               if val_ref is not None and comm.rank == 0 else None)
         summary = federate(cfg.fl, cfg.model, cfg.run, manifest=data.manifest,
                            data_dir=data.dir, out_dir=run_dir, init=init,
                            fingerprint=req.fingerprint, resume=resume, comm=comm,
-                           config_yaml=dump_yaml(sub_cfg), dp=cfg.dp)
+                           config_yaml=dump_yaml(sub_cfg), dp=cfg.dp, val=val)
         return {"final_accuracy": summary["final_accuracy"]} if summary else {}
 
     return _stage("federate", comm, run_dir, req, what="FL results",
                   outputs={"summary": "summary.json", "final": "final.safetensors",
                            "metrics": "metrics.jsonl"}, work=work)
+
+
+def synthetic_val_of(init: str) -> dict[str, Any]:
+    """The synthetic validation split the model at `init` was pretrained without: from the
+    ``pretrained.json`` beside it (whose fingerprint must be the weights' own). One-line
+    errors name the file and what is missing."""
+    from gptfl_hpc.train.synval import rows_digest
+
+    weights = Path(init)
+    info_path = weights.with_name("pretrained.json")
+    if not info_path.is_file():
+        raise ConfigError(f"config key fl.select: 'synthetic_val' needs {info_path} (the "
+                          f"pretraining record beside {weights}); valid: 'last', or an init "
+                          "made by `gptfl-hpc pretrain` with pretrain.val_fraction > 0")
+    info = read_json(info_path)
+    if info.get("fingerprint") != provenance.embedded_fingerprint(weights):
+        raise ConfigError(f"config key fl.select: {info_path} does not describe {weights} (their "
+                          "fingerprints differ); rerun `gptfl-hpc pretrain`")
+    split = info.get("synthetic_val")
+    if not split or not split.get("rows"):
+        raise ConfigError(f"config key fl.select: 'synthetic_val', but {weights} was pretrained "
+                          "on the whole synthetic set (pretrain.val_fraction 0); valid: 'last', "
+                          "or pretrain with pretrain.val_fraction > 0")
+    syn = info["synthetic"]
+    return {"path": syn["path"], "dataset": syn.get("dataset", "images"), "rows": split["rows"],
+            "digest": rows_digest(split["rows"], str(info["fingerprint"]))}
 
 
 def stage_local_only(cfg: Any, run_dir: Path, comm: Any, data: Prepared, init: str) -> Output:

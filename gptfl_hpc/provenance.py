@@ -127,7 +127,8 @@ NO_EFFECT: dict[str, str] = {
                     "in the last bits only",
     "fl.client_cache_mb": "memory for cached client shards",
     "fl.rounds": "a progress target: part of the identity when the client lr schedule depends "
-                 "on it (cosine), otherwise a finished run can be extended",
+                 "on it (cosine) or fl.select chooses the returned model, otherwise a finished "
+                 "run can be extended",
     "slurm.*": "how jobs are launched",
 }
 
@@ -169,6 +170,7 @@ def stage_fields(stage: str, names: Iterable[str]) -> list[str]:
 def progress_target(stage: str, cfg: Any) -> dict[str, int]:
     """Targets kept out of the identity (a finished run may be extended to a larger one)."""
     if (stage == "federate" and cfg.fl.client_lr_schedule == "constant"
+            and cfg.fl.select == "last"
             and not (cfg.dp.enabled and cfg.dp.target_epsilon is not None)):
         return {"rounds": int(cfg.fl.rounds)}
     return {}

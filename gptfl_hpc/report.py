@@ -123,9 +123,16 @@ def write_report(cfg, out: Path, manifest, data_dir: Path, runs: dict[str, Path]
             ref = scratch["final_accuracy"] if scratch else None
         wall = summary["wall_seconds"] + (server_time if name == "gptfl" or
                                           name.endswith("-gptfl") else 0.0)
+        sel = summary.get("selection") or {"rule": "last"}
         rows.append({
-            "method": name, "final_accuracy": summary["final_accuracy"],
+            # the returned model's accuracy: the last round's, or (fl.select=synthetic_val)
+            # the round chosen on the server's synthetic validation split
+            "method": name, "final_accuracy": summary.get("selected_accuracy",
+                                                          summary["final_accuracy"]),
             "best_accuracy": summary["best_accuracy"],
+            **({"last_round_accuracy": summary["final_accuracy"],
+                "selected_round": sel["round"], "rounds_run": summary.get("rounds_run")}
+               if sel["rule"] == "synthetic_val" else {}),
             "accuracy_round_10": _at_round(curve, 10),
             "rounds_to_target": summary["rounds_to_target"],
             "rounds_to_fedavg_final": (_first_round_reaching(curve, ref)
@@ -249,6 +256,14 @@ def render_markdown(cfg, manifest, report: dict) -> str:
         "Every method sees the same client sampling sequence.", "",
         table(report), "", "![accuracy](accuracy.png)", "",
         "Wall time of GPT-FL includes the server stages (generator, synthesis, pretraining).", ""]
+    chosen = [r for r in report["rows"] if "selected_round" in r]
+    if chosen:
+        parts += [
+            "Model selection (fl.select=synthetic_val): " + "; ".join(
+                f"{r['method']} returns round {r['selected_round']}'s model (best accuracy on "
+                f"the server's synthetic validation split; round 0 is the pretrained model; "
+                f"its last round {r['rounds_run']} reached {_pct(r['last_round_accuracy'])})"
+                for r in chosen) + ". Its final acc is that model's.", ""]
     central = next((r for r in report["rows"] if r["method"] == "centralised"), None)
     if central:
         parts += [

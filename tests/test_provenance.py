@@ -101,9 +101,11 @@ def test_every_field_changes_exactly_its_declared_stages(name):
     kind = _declared(name)
     if kind == "progress":
         return
-    value = pv.leaf_fields(BASE)[name]
-    changed = _set(BASE, name, _changed(name, FIELDS[name], value))
-    before, after = _fingerprints(BASE), _fingerprints(changed)
+    # fields valid only beside another setting are changed from a base that has it
+    base = _set(BASE, "fl.select", "synthetic_val") if name == "fl.patience" else BASE
+    value = pv.leaf_fields(base)[name]
+    changed = _set(base, name, _changed(name, FIELDS[name], value))
+    before, after = _fingerprints(base), _fingerprints(changed)
     moved = sorted(s for s in pv.STAGES if before[s] != after[s])
     if kind == "stages":
         want = sorted(s for s in pv.STAGES if name in pv.stage_fields(s, [name]))
@@ -120,6 +122,10 @@ def test_rounds_are_identity_only_when_the_schedule_depends_on_them():
     a, b = pv.request("federate", const), pv.request("federate", _set(const, "fl.rounds", 50))
     assert a.fingerprint == b.fingerprint and (a.progress, b.progress) == ({"rounds": 30},
                                                                           {"rounds": 50})
+    # a model chosen over the rounds run (fl.select) depends on them too
+    sel = _set(const, "fl.select", "synthetic_val")
+    assert pv.request("federate", sel).fingerprint != \
+        pv.request("federate", _set(sel, "fl.rounds", 50)).fingerprint
 
 
 def test_inputs_and_derived_values_enter_the_fingerprint():

@@ -511,9 +511,11 @@ class Federation:
 
 
 class Evaluator:
-    """Server-side test metrics every ``fl.eval_every`` rounds and at the last round."""
+    """Server-side test metrics every ``fl.eval_every`` rounds and at the last round; with a
+    synthetic validation split (`val`), its accuracy too (``val_accuracy``)."""
 
-    def __init__(self, fed: Federation, model_cfg: Any, threads: int) -> None:
+    def __init__(self, fed: Federation, model_cfg: Any, threads: int,
+                 val: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         from gptfl_hpc.train.models import build_model
         from gptfl_hpc.train.transforms import make_transform
 
@@ -523,6 +525,8 @@ class Evaluator:
         in_shape = tuple(m.input_shape)
         x, y = m.read_test(fed.data_dir)
         self.x, self.y = torch.from_numpy(x).to(fed.dev), torch.from_numpy(y).to(fed.dev)
+        self.val = None if val is None else (torch.from_numpy(val[0]).to(fed.dev),
+                                             torch.from_numpy(val[1]).to(fed.dev))
         self.tf = make_transform(m.kind, m.norm_mean, m.norm_std, in_shape, False)
         # on a GPU the server evaluates a device copy; on the CPU the global model itself
         self.model = fed.global_model if fed.dev.type == "cpu" else FlatModel(
@@ -533,7 +537,7 @@ class Evaluator:
 
         if rnd % self.every and rnd != self.last:
             return {"test_accuracy": None, "test_macro_f1": None, "test_loss": None,
-                    "t_eval": 0.0}
+                    "t_eval": 0.0, **({"val_accuracy": None} if self.val is not None else {})}
         t0 = time.perf_counter()
         if self.model is not self.fed.global_model:
             self.model.flat.copy_(self.fed.global_model.flat)
@@ -543,10 +547,67 @@ class Evaluator:
             m = evaluate(self.model.model, self.x, self.y, self.tf,
                          batch_size=self.fed.fl.eval_batch_size, device=self.fed.dev,
                          num_classes=self.fed.manifest.num_classes)
+            v = None if self.val is None else evaluate(
+                self.model.model, self.val[0], self.val[1], self.tf,
+                batch_size=self.fed.fl.eval_batch_size, device=self.fed.dev,
+                num_classes=self.fed.manifest.num_classes)
         finally:
             set_threads(saved)
-        return {"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"],
-                "test_loss": m["loss"], "t_eval": time.perf_counter() - t0}
+        out = {"test_accuracy": m["accuracy"], "test_macro_f1": m["macro_f1"],
+               "test_loss": m["loss"]}
+        if v is not None:
+            out.update(val_accuracy=v["accuracy"], val_loss=v["loss"])
+        return out | {"t_eval": time.perf_counter() - t0}
+
+
+class Selection:
+    """``fl.select=synthetic_val``: the server keeps the global model with the best accuracy on
+    its synthetic validation split (round 0, the init, included; ties go to the earlier round)
+    and, with ``fl.patience``, agrees with every rank to stop once that many evaluations in a
+    row brought no improvement. Its state goes into every checkpoint (bitwise resume)."""
+
+    FILE = "selection"
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.round: int | None = None
+        self.val = -1.0
+        self.test: float | None = None
+        self.since = 0  # evaluations since the best one
+        self.history: list[list] = []  # [round, val accuracy, test accuracy]
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def update(self, rnd: int, record: dict, model: FlatModel) -> None:
+        v = record.get("val_accuracy")
+        if v is None:
+            return
+        self.history.append([rnd, v, record["test_accuracy"]])
+        if v > self.val:
+            self.round, self.val, self.test, self.since = rnd, float(v), \
+                record["test_accuracy"], 0
+            self.weights = {k: t.detach().to("cpu", copy=True)
+                            for k, t in model.state_dict().items()}
+        else:
+            self.since += 1
+
+    @property
+    def stop(self) -> bool:
+        return self.patience > 0 and self.since >= self.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"round": self.round, "val": self.val, "test": self.test, "since": self.since,
+                "history": self.history}
+
+    def load(self, d: Path, state: dict[str, Any]) -> None:
+        self.round, self.val, self.test = state["round"], float(state["val"]), state["test"]
+        self.since, self.history = int(state["since"]), [list(h) for h in state["history"]]
+        self.weights = Checkpoints.load(d, self.FILE)
+
+    def describe(self, last_round: int, rounds: int) -> dict[str, Any]:
+        return {"rule": "synthetic_val", "round": self.round, "val_accuracy": self.val,
+                "test_accuracy": self.test, "patience": self.patience,
+                "stopped_early": last_round < rounds, "last_round": last_round,
+                "val_by_round": self.history}
 
 
 def round_record(r: RoundResult) -> dict[str, Any]:
@@ -588,12 +649,16 @@ def _log_round(r: dict, total: int) -> None:
 def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: str | Path,
              out_dir: str | Path, init: str = "random", fingerprint: str = "",
              resume: bool = False, comm: Any = None,
-             config_yaml: str | None = None, dp: Any = None) -> dict | None:
+             config_yaml: str | None = None, dp: Any = None,
+             val: tuple[np.ndarray, np.ndarray] | None = None) -> dict | None:
     """Run federated training; returns the summary on rank 0 (None on other ranks).
 
     `fingerprint` identifies the request (gptfl_hpc.provenance); a checkpoint of another
     request is never resumed. Without `resume` a checkpoint of this request is refused with a
     message (rerun with --resume). `dp`: the config's ``dp`` section (central DP when enabled).
+    `val`: rank 0's synthetic validation split (samples, labels) when ``fl.select`` is
+    synthetic_val and the run starts from the pretrained model (init != 'random'); other ranks
+    pass None.
 
     Longer than 80 lines on purpose: the round loop and its end-of-round hooks (metrics,
     checkpoint policy, stop agreement) read best in one place; the work is in the named parts
@@ -611,18 +676,30 @@ def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: 
     faults.point("federate", comm.rank)
     set_threads(threads_for(run_cfg, comm, "client"))
     dev = fl_device(run_cfg, comm)
+    # every rank knows whether the server selects on its synthetic split (and may stop early)
+    selecting = fl.select == "synthetic_val" and init != "random"
+    if selecting and comm.rank == 0 and val is None:
+        raise ConfigError("config key fl.select: 'synthetic_val' but no synthetic validation "
+                          "split was given for this run; valid: 'last', or GPT-FL's run from a "
+                          "model pretrained with pretrain.val_fraction > 0")
     with training_kernels(run_cfg.cpu_kernels, dev.type):
         fed = Federation(fl, model_cfg, run_cfg, manifest=manifest, data_dir=data_dir,
                          comm=comm, init=init, device=dev, dp=dp)
         ckpts = Checkpoints(out_dir, fl.keep_checkpoints)
         history: list[list] = []  # [round, test accuracy]
         start_round, wall_before = 1, 0.0
-        metrics = evaluator = None
+        metrics = evaluator = selection = None
         found: list = [None, []]
         if fed.is_server:
+            selection = Selection(fl.patience) if selecting else None
             start_round, history, wall_before, found = _resume_state(fed, ckpts, fingerprint,
-                                                                     resume)
-            evaluator = Evaluator(fed, model_cfg, threads_for(run_cfg, comm, "server"))
+                                                                     resume, selection)
+            evaluator = Evaluator(fed, model_cfg, threads_for(run_cfg, comm, "server"),
+                                  val=val if selecting else None)
+            if selection is not None and start_round == 1:  # round 0: the pretrained model
+                selection.update(0, evaluator(0), fed.global_model)
+            elif selection is not None and selection.stop:
+                start_round = fl.rounds + 1  # checkpointed as the early stop was decided
             if config_yaml is not None:
                 write_text(out_dir / "config.yaml", config_yaml)
             metrics = JsonlWriter(out_dir / "metrics.jsonl",
@@ -655,13 +732,29 @@ def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: 
                 metrics.write(record)
                 history.append([rnd, record["test_accuracy"]])
                 _log_round(record, fl.rounds)
+                if selection is not None:
+                    selection.update(rnd, record, fed.global_model)
             if rank_files:
                 comm.barrier()
             if fed.is_server and save:
-                ckpts.save(rnd, fed.state_tensors(),
+                tensors, extra = fed.state_tensors(), {}
+                if selection is not None:
+                    tensors[Selection.FILE] = selection.weights
+                    extra = {"selection": selection.state()}
+                ckpts.save(rnd, tensors,
                            {"round": rnd, "fingerprint": fingerprint, "history": history,
-                            "wall_seconds": record["wall_seconds"], "world_size": comm.size},
+                            "wall_seconds": record["wall_seconds"], "world_size": comm.size,
+                            **extra},
                            rank_files=rank_files)
+            # fl.patience: the server's verdict, one small broadcast per round
+            if selecting and fl.patience > 0 and comm.bcast_json(
+                    selection.stop if selection is not None else None):
+                if fed.is_server:
+                    assert selection is not None
+                    log.info("early stop after round %d: %d evaluation(s) without a better "
+                             "synthetic-val accuracy than round %s's %.4f (fl.patience %d)",
+                             rnd, selection.since, selection.round, selection.val, fl.patience)
+                break
             if result.stop:
                 # non-zero exits end in MPI_Abort (python -m mpi4py): release the ranks only
                 # once the server's checkpoint is on disk
@@ -671,13 +764,15 @@ def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: 
         summary = None
         if fed.is_server:
             summary = _finish(out_dir, fed, history, fl, model_cfg, placement, comm.library,
-                              init, wall_before + time.perf_counter() - t_start, fingerprint)
+                              init, wall_before + time.perf_counter() - t_start, fingerprint,
+                              selection)
         comm.barrier()
     return summary
 
 
 def _resume_state(fed: Federation, ckpts: Checkpoints, fingerprint: str,
-                  resume: bool) -> tuple[int, list, float, list]:
+                  resume: bool, selection: Selection | None = None
+                  ) -> tuple[int, list, float, list]:
     """(first round, metric history, wall seconds so far, [checkpoint dir, its files])."""
     from gptfl_hpc.provenance import StaleOutputError
 
@@ -695,6 +790,8 @@ def _resume_state(fed: Federation, ckpts: Checkpoints, fingerprint: str,
                                f"{state['round']}); rerun with --resume to continue it, or use "
                                "a new --out")
     fed.load_state(d)
+    if selection is not None:
+        selection.load(d, state["selection"])
     log.info("resuming from %s (round %d)", d, state["round"])
     return int(state["round"]) + 1, list(state.get("history", [])), \
         float(state.get("wall_seconds", 0.0)), [str(d), list(state.get("files", []))]
@@ -726,7 +823,7 @@ def _placement(fed: Federation, comm: Any, dev: torch.device) -> list[dict]:
 
 def _finish(out_dir: Path, fed: Federation, history: list, fl: Any, model_cfg: Any,
             placement: list, mpi_library: str, init: str, wall: float,
-            fingerprint: str) -> dict:
+            fingerprint: str, selection: Selection | None = None) -> dict:
     evaluated = [(r, a) for r, a in history if a is not None]
     if not evaluated:
         raise DataError("no evaluated round in the history")
@@ -743,14 +840,26 @@ def _finish(out_dir: Path, fed: Federation, history: list, fl: Any, model_cfg: A
         "client_placement": fed.placement,
         "accuracy_by_round": evaluated, "fingerprint": fingerprint,
         "dp": fed.dp.describe(fl.rounds) if fed.dp is not None else None,
+        "rounds_run": history[-1][0] if history else 0,
+        "selection": {"rule": "last"} if selection is None else
+        selection.describe(history[-1][0], fl.rounds),
+        # the returned model's test accuracy (the last round's, or the selected round's)
+        "selected_accuracy": evaluated[-1][1] if selection is None else selection.test,
     }
-    save_safetensors(fed.global_model.state_dict(), out_dir / "final.safetensors",
+    weights = fed.global_model.state_dict() if selection is None else selection.weights
+    save_safetensors(weights, out_dir / "final.safetensors",
                      metadata={"model": model_cfg.name, "rounds": str(fl.rounds),
-                               "fingerprint": fingerprint})
+                               "fingerprint": fingerprint,
+                               "round": str(summary["rounds_run"] if selection is None
+                                            else selection.round)})
     write_json(out_dir / "summary.json", summary)
     log.info("done: final accuracy %.2f%%, best %.2f%% (round %d), rounds to %.0f%%: %s, %.1fs",
              100 * summary["final_accuracy"], 100 * best, best_round, 100 * fl.target_accuracy,
              summary["rounds_to_target"], wall)
+    if selection is not None:
+        log.info("selected on the synthetic validation split: round %s (synthetic-val acc "
+                 "%.4f, test acc %.4f); final.safetensors holds it", selection.round,
+                 selection.val, selection.test)
     return summary
 
 

@@ -116,7 +116,8 @@ def centralised(pre_cfg: Any, *, model_cfg: Any, run_cfg: Any, manifest: Any,
                      "shard; a reference, not an FL method) in %.1fs", len(y),
                      len(manifest.clients), time.perf_counter() - t0)
             del x, y
-            info = pretrain(dataclasses.replace(pre_cfg, init=None), model_cfg=model_cfg,
+            info = pretrain(dataclasses.replace(pre_cfg, init=None, val_fraction=0.0),
+                            model_cfg=model_cfg,
                             run_cfg=run_cfg, synthetic_path=pool, data_dir=data_dir,
                             out_dir=out, augment=augment, manifest=manifest,
                             fingerprint=fingerprint, resume=resume, comm=sub, leak_check=False,

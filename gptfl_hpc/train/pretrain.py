@@ -146,6 +146,11 @@ class Inputs:
     leak_check: bool = True
     """Refuse samples byte-identical to a test image (off for the centralised reference, whose
     'set' is the real private pool: duplicates there are the source's, not a leak)."""
+    train_rows: np.ndarray | None = None
+    """The rows pretraining draws from (None: all); the rest is the validation split."""
+    val_rows: np.ndarray | None = None
+    val: tuple[np.ndarray, np.ndarray] | None = None
+    """Rank 0: the validation split's samples and labels (pretrain.val_fraction > 0)."""
 
 
 def check_synthetic(path: Path, kind: str, input_shape: tuple, num_classes: int,
@@ -235,10 +240,12 @@ class LeakCheck:
 
 
 def read_inputs(cfg: PretrainConfig, comm: Any, manifest: Any, data_dir: str | Path,
-                syn_path: Path) -> Inputs:
-    """Rank 0 reads the manifest, checks the set and reads the test split; every rank gets the
-    manifest, the set's description and the labels."""
+                syn_path: Path, seed: int = 0) -> Inputs:
+    """Rank 0 reads the manifest, checks the set and reads the test split (and the validation
+    split's samples); every rank gets the manifest, the set's description, the labels and the
+    rows of the split (synval.split_rows from `seed`)."""
     from gptfl_hpc.data.manifest import Manifest
+    from gptfl_hpc.train.synval import read_rows, split_rows
 
     cache: dict[str, Any] = {}
 
@@ -250,6 +257,16 @@ def read_inputs(cfg: PretrainConfig, comm: Any, manifest: Any, data_dir: str | P
         info, labels = check_synthetic(syn_path, m.kind, tuple(m.input_shape), m.num_classes,
                                        cfg.batch_size)
         cache.update(labels=labels, test=m.read_test(data_dir))
+        if cfg.val_fraction > 0:
+            train_rows, val_rows = split_rows(labels, cfg.val_fraction, seed)
+            if len(train_rows) < cfg.batch_size or len(val_rows) == 0:
+                raise ConfigError(
+                    f"config key pretrain.val_fraction: {cfg.val_fraction} of {syn_path}'s "
+                    f"{len(labels)} samples leaves {len(train_rows)} to train on and "
+                    f"{len(val_rows)} to validate on; valid: a fraction that leaves >= "
+                    f"pretrain.batch_size ({cfg.batch_size}) and >= 1 (or 0: no split)")
+            cache["val"] = read_rows(syn_path, val_rows, info.dataset)
+        return {"manifest": m.to_dict(), "set": dataclasses.asdict(info)}
         return {"manifest": m.to_dict(), "set": dataclasses.asdict(info)}
 
     head = on_root(comm, inspect)
@@ -259,8 +276,12 @@ def read_inputs(cfg: PretrainConfig, comm: Any, manifest: Any, data_dir: str | P
     labels = cache.pop("labels") if comm.rank == 0 else np.empty(info.num_samples, np.int64)
     if comm.size > 1:
         comm.bcast_(labels)
-    return Inputs(manifest or Manifest.from_dict(head["manifest"]), info, labels,
-                  cache.pop("test", None))
+    inputs = Inputs(manifest or Manifest.from_dict(head["manifest"]), info, labels,
+                    cache.pop("test", None))
+    if cfg.val_fraction > 0:  # the same split on every rank (labels and seed are the same)
+        inputs.train_rows, inputs.val_rows = split_rows(labels, cfg.val_fraction, seed)
+        inputs.val = cache.pop("val", None)
+    return inputs
 
 
 # ------------------------------------------------------------------------ the host copy's plan
@@ -727,7 +748,8 @@ class Trainer:
 
     def __init__(self, cfg: PretrainConfig, acc: Any, model: torch.nn.Module, source: Any,
                  labels: np.ndarray, transform: Any, *, seed: int, num_processes: int,
-                 restore: Callable[..., None] | None = None) -> None:
+                 restore: Callable[..., None] | None = None,
+                 rows: np.ndarray | None = None) -> None:
         self.cfg, self.acc, self.seed, self.P = cfg, acc, seed, num_processes
         dev = self.dev = torch.device(acc.device)
         self.channels_last = cfg.channels_last and dev.type == "cuda"
@@ -735,7 +757,9 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # restored by numerics.training_kernels
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         self.model = model.to(dev, memory_format=fmt)
-        self.N, self.B = len(labels), cfg.batch_size
+        # rows: the training rows (the validation split left out); None: every row
+        self.rows = None if rows is None else torch.from_numpy(np.asarray(rows, np.int64))
+        self.N, self.B = len(labels) if rows is None else len(rows), cfg.batch_size
         self.bounds = [r * self.B // num_processes for r in range(num_processes + 1)]
         self.r0, self.r1 = self.bounds[acc.process_index], self.bounds[acc.process_index + 1]
         self.steps_per_epoch = self.N // self.B
@@ -760,6 +784,8 @@ class Trainer:
         B, pi = self.B, self.acc.process_index
         perm = torch.randperm(self.N, generator=torch.Generator().manual_seed(
             derive(self.seed, "pretrain.shuffle", epoch)))
+        if self.rows is not None:  # positions in the training rows -> rows of the set
+            perm = self.rows[perm]
         p = perm.numpy()
         steps = range(self.steps_per_epoch)
         rows = [p[s * B + self.r0:s * B + self.r1] if self.local_rows else p[s * B:(s + 1) * B]
@@ -829,12 +855,15 @@ class Evaluator:
     with the FL engine's ``evaluate()``, so they equal what FL measures from the outputs."""
 
     def __init__(self, model_cfg: ModelConfig, model_shape: tuple, num_classes: int,
-                 transform: Any, test: tuple[np.ndarray, np.ndarray], dev: torch.device) -> None:
+                 transform: Any, test: tuple[np.ndarray, np.ndarray], dev: torch.device,
+                 val: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         from gptfl_hpc.train.models import build_model
 
         with torch.random.fork_rng(devices=[]):  # its init is overwritten; keep torch's RNG
             self.model = build_model(model_cfg, model_shape, num_classes).to(dev)
         self.x, self.y = torch.from_numpy(test[0]).to(dev), torch.from_numpy(test[1]).to(dev)
+        self.val = None if val is None else (torch.from_numpy(val[0]).to(dev),
+                                             torch.from_numpy(val[1]).to(dev))
         self.tf, self.dev, self.num_classes = transform, dev, num_classes
 
     @property
@@ -845,8 +874,13 @@ class Evaluator:
         from gptfl_hpc.train.evaluate import evaluate
 
         self.model.load_state_dict(trained.state_dict())
-        return evaluate(self.model, self.x, self.y, self.tf, EVAL_BATCH_SIZE, self.dev,
-                        self.num_classes)
+        m = evaluate(self.model, self.x, self.y, self.tf, EVAL_BATCH_SIZE, self.dev,
+                     self.num_classes)
+        if self.val is not None:  # the synthetic validation split (pretrain.val_fraction)
+            v = evaluate(self.model, self.val[0], self.val[1], self.tf, EVAL_BATCH_SIZE,
+                         self.dev, self.num_classes)
+            m.update(val_accuracy=v["accuracy"], val_loss=v["loss"])
+        return m
 
 
 # ------------------------------------------------------------------------------ checkpointing
@@ -1020,7 +1054,8 @@ def pretrain(cfg: PretrainConfig, *, model_cfg: ModelConfig, run_cfg: Any,
                           f">= {comm.size}")
     use_cuda = want_cuda(run_cfg.device)
     mixed = _resolve_precision(cfg.mixed_precision, use_cuda)
-    inputs = read_inputs(cfg, comm, manifest, data_dir, Path(synthetic_path).resolve())
+    inputs = read_inputs(cfg, comm, manifest, data_dir, Path(synthetic_path).resolve(),
+                         run_cfg.seed)
     inputs.leak_check = leak_check
     ckpt = Checkpointer(Path(out_dir) / CKPT_DIR, fingerprint)
     state = on_root(comm, lambda: ckpt.find(resume))
@@ -1119,9 +1154,11 @@ def train(cfg: PretrainConfig, model_cfg: ModelConfig, run_cfg: Any, comm: Any, 
             plans, source = place_data(cfg, comm, dev, inputs, host, nodes,
                                        besides + inputs.labels.nbytes, step_rows)
             trainer = Trainer(cfg, acc, model, source, inputs.labels, train_tf, seed=seed,
-                              num_processes=P, restore=ckpt.restorer(state))
+                              num_processes=P, restore=ckpt.restorer(state),
+                              rows=inputs.train_rows)
             eval_tf = make_transform(m.kind, m.norm_mean, m.norm_std, shape, False)
-            evaluator = Evaluator(model_cfg, model_shape, m.num_classes, eval_tf, test, dev) \
+            evaluator = Evaluator(model_cfg, model_shape, m.num_classes, eval_tf, test, dev,
+                                  val=inputs.val) \
                 if comm.rank == 0 and test is not None else None
             _log_start(cfg, model_cfg, comm, trainer, inputs, plans, mixed, state, ckpt)
             run_epochs(cfg, comm, trainer, evaluator, ckpt, history,
@@ -1163,6 +1200,10 @@ def _log_start(cfg: PretrainConfig, model_cfg: ModelConfig, comm: Any, trainer: 
     log.info("pretrain data: %s; one host copy per node; data path per process: %s",
              inputs.set.describe(), paths)
     if not state:
+        if inputs.val_rows is not None:
+            log.info("pretrain: %d of %d synthetic samples held out as the server's validation "
+                     "split (pretrain.val_fraction %g)", len(inputs.val_rows),
+                     inputs.set.num_samples, cfg.val_fraction)
         log.info("pretrain: %s (%d parameters) on %d synthetic samples from %s; %d epochs x "
                  "%d steps, global batch %d (%s per process), %s, %s, mixed precision %s, "
                  "%d torch thread(s) per process", model_cfg.name,
@@ -1191,10 +1232,15 @@ def run_epochs(cfg: PretrainConfig, comm: Any, trainer: Trainer,
                             "test_accuracy": metrics["accuracy"],
                             "test_macro_f1": metrics["macro_f1"], "test_loss": metrics["loss"],
                             "train_seconds": train_s, "images_per_second": rate,
-                            "num_processes": P})
-            log.info("pretrain epoch %d/%d: loss %.4f, test acc %.4f, macro-F1 %.4f, %.0f img/s "
-                     "(%d process%s, %s)", epoch + 1, cfg.epochs, mean_loss, metrics["accuracy"],
-                     metrics["macro_f1"], rate, P, "es" if P > 1 else "", trainer.dev.type)
+                            "num_processes": P,
+                            **{k: metrics[k] for k in ("val_accuracy", "val_loss")
+                               if k in metrics}})
+            log.info("pretrain epoch %d/%d: loss %.4f, test acc %.4f, macro-F1 %.4f%s, %.0f "
+                     "img/s (%d process%s, %s)", epoch + 1, cfg.epochs, mean_loss,
+                     metrics["accuracy"], metrics["macro_f1"],
+                     f", synthetic-val acc {metrics['val_accuracy']:.4f}"
+                     if "val_accuracy" in metrics else "", rate, P, "es" if P > 1 else "",
+                     trainer.dev.type)
             ckpt.save(epoch + 1, trainer, history)
         if agree_to_stop(comm) and epoch + 1 < cfg.epochs:
             raise Preempted(f"pretraining stopped after epoch {epoch + 1}/{cfg.epochs} "
@@ -1233,7 +1279,14 @@ def write_outputs(cfg: PretrainConfig, model_cfg: ModelConfig, run_cfg: Any, inp
         "steps": r.steps_per_epoch * cfg.epochs, "global_batch_size": cfg.batch_size,
         "per_process_batch_sizes": r.per_process, "num_processes": num_processes,
         "device": device_type, "mixed_precision": mixed,
-        "synthetic": {"path": inputs.set.path, "num_samples": inputs.set.num_samples},
+        "synthetic": {"path": inputs.set.path, "num_samples": inputs.set.num_samples,
+                      "dataset": inputs.set.dataset},
+        # the server's validation split (pretrain.val_fraction): never trained on; the FL
+        # server chooses GPT-FL's model on it (fl.select=synthetic_val)
+        "synthetic_val": None if inputs.val_rows is None else {
+            "fraction": cfg.val_fraction, "num_samples": int(len(inputs.val_rows)),
+            "rows": [int(i) for i in inputs.val_rows], "accuracy": last.get("val_accuracy"),
+            "loss": last.get("val_loss")},
         "data_path": r.data,
         "data_dir": str(Path(data_dir).resolve()),
         "test": {"accuracy": last["test_accuracy"], "macro_f1": last["test_macro_f1"],
