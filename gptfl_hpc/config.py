@@ -280,10 +280,12 @@ class FLConfig:
     """summary.json reports the first round whose test accuracy reaches this."""
     select: Literal["last", "synthetic_val"] = "last"
     """Which global model a GPT-FL run (FL from the pretrained model) returns. last: the last
-    round's. synthetic_val: the one with the best accuracy on the server's validation split of
-    the synthetic set (``pretrain.val_fraction`` of it, never trained on), measured at round 0
-    (the pretrained model) and every ``eval_every`` rounds; ties go to the earlier round. The
-    server never looks at private data, and the test split plays no part in the choice.
+    round's. synthetic_val: the FL round's with the best accuracy on the server's validation
+    split of the synthetic set (``pretrain.val_fraction`` of it, never trained on), measured
+    every ``eval_every`` rounds; ties go to the earlier round. Round 0 (the pretrained model)
+    is measured and reported, not chosen: on a split of its own training distribution it
+    mostly wins regardless of the private data (fl/engine.py Selection). The server never
+    looks at private data, and the test split plays no part in the choice.
     ``final.safetensors`` holds the selected weights; summary.json's ``selection`` names the
     round, its validation and test accuracy. FL from random init (FedAvg from scratch) has no
     synthetic data and always returns the last round."""

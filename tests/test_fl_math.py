@@ -118,3 +118,38 @@ def test_placement_balances_expected_work():
 def test_rounds_to_target():
     assert rounds_to_target([(1, 0.2), (2, None), (3, 0.91), (4, 0.95)], 0.9) == 3
     assert rounds_to_target([(1, 0.2)], 0.9) is None
+
+
+def test_encode_with_a_known_peak_gives_the_elementwise_bits_and_verdicts():
+    """The engine passes max |update| (one aminmax pass) so the exact encoder skips its
+    elementwise range check and works in place: the same int64 bits and the same refusals as
+    the elementwise path, at the range's edge, for NaN and inf, and for float64 input (which
+    must not be modified)."""
+    import math
+
+    from gptfl_hpc.fl.aggregate import LIMIT, RoundBuffer, peak_abs
+
+    buf = RoundBuffer(8, 1, "exact")
+    rng = np.random.default_rng(0)
+    cases = [torch.from_numpy(rng.standard_normal(8).astype(np.float32)) * s
+             for s in (1e-6, 1.0, 3e3)]
+    edge = torch.zeros(8)
+    edge[3] = float(np.nextafter(np.float32(LIMIT), np.float32(0)))  # just inside at scale 1
+    cases += [edge, edge * 2]
+    for u in cases:
+        for scale in (1.0, 0.37, 1 / 3):
+            a, b = buf.encode(u, scale), buf.encode(u, scale, peak_abs(u))
+            assert (a is None) == (b is None), (u, scale)
+            if a is not None:
+                assert torch.equal(a, b)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        u = torch.ones(8)
+        u[5] = bad
+        p = peak_abs(u)
+        assert not math.isfinite(p)
+        assert buf.encode(u, 0.5, p) is None and buf.encode(u, 0.5) is None
+    d = torch.linspace(-1, 1, 8, dtype=torch.float64)
+    keep = d.clone()
+    assert torch.equal(buf.encode(d, 0.25, peak_abs(d)), buf.encode(d, 0.25))
+    assert torch.equal(d, keep)
+    assert peak_abs(torch.tensor([-5.0, 2.0])) == 5.0

@@ -156,8 +156,8 @@ def test_gptfl_returns_the_model_best_on_the_synthetic_split(selected):
     sel = s["selection"]
     hist = sel["val_by_round"]
     assert [h[0] for h in hist] == list(range(0, 7))  # round 0 (the init) and every round
-    best = max(h[1] for h in hist)
-    first = next(h for h in hist if h[1] == best)  # ties go to the earlier round
+    best = max(h[1] for h in hist[1:])  # round 0 is reported, not a candidate
+    first = next(h for h in hist[1:] if h[1] == best)  # ties go to the earlier round
     assert (sel["round"], sel["val_accuracy"], sel["test_accuracy"]) == tuple(first)
     assert s["selected_accuracy"] == sel["test_accuracy"] and not sel["stopped_early"]
     pre = json.loads((out / "pretrained.json").read_text())
@@ -165,12 +165,14 @@ def test_gptfl_returns_the_model_best_on_the_synthetic_split(selected):
     assert hist[0][2] == pre["test_accuracy"]
     by_round = dict((r, a) for r, a in s["accuracy_by_round"])
     assert all(by_round[r] == t for r, _, t in hist[1:])
-    # final.safetensors holds the selected weights (the pretrained ones if round 0 won)
+    # final.safetensors holds the selected round's weights (the checkpoints keep rounds 5, 6)
     final, meta = load_safetensors(out / "gptfl" / "final.safetensors")
     assert meta["round"] == str(sel["round"])
-    if sel["round"] == 0:
-        pre_w = load_safetensors(out / "pretrained.safetensors")[0]
-        assert all(torch.equal(final[k], pre_w[k]) for k in pre_w)
+    for r in (5, 6):
+        model = load_safetensors(out / "gptfl" / "ckpt" / f"round-{r:05d}" /
+                                 "model.safetensors")[0]
+        same = all(torch.equal(final[k], model[k]) for k in model)
+        assert same == (sel["round"] == r), (r, sel["round"])
     # FedAvg from scratch has no synthetic data: it returns its last round
     f = _summary(out, "fedavg")
     assert f["selection"] == {"rule": "last"} and f["selected_accuracy"] == f["final_accuracy"]
@@ -188,7 +190,7 @@ def test_patience_stops_every_rank_and_a_preempted_run_resumes_bitwise(selected,
     s = _summary(ref, ".")
     sel = s["selection"]
     best, since, stop = -1.0, 0, 6
-    for r, v, _ in sel["val_by_round"]:
+    for r, v, _ in sel["val_by_round"][1:]:  # the FL rounds
         best, since = (v, 0) if v > best else (best, since + 1)
         if since >= 3:
             stop = r

@@ -82,14 +82,29 @@ class RoundBuffer:
 
     # ------------------------------------------------------------------------ adding
 
-    def encode(self, update: torch.Tensor, scale: float) -> torch.Tensor | None:
+    def encode(self, update: torch.Tensor, scale: float,
+               peak: float | None = None) -> torch.Tensor | None:
         """`scale * update` in the buffer's encoding (on the update's device); None if any
-        element is out of the encodable range (the caller drops the client as diverged)."""
+        element is out of the encodable range (the caller drops the client as diverged).
+
+        `peak`: max |update| when the caller knows it (:func:`peak_abs`); then the range check
+        is one scalar comparison, the same verdict as the elementwise one (rounding is
+        monotonic: max_i fl(|u_i| * scale) = fl(max_i |u_i| * scale)). The exact encoding
+        works in place on one float64 copy; its bits equal round((u * scale) * SCALE)."""
         if self.exact:
-            x = update.double() * scale
-            if not bool((x.abs() < LIMIT).all()):
-                return None
-            return torch.round(x * SCALE).to(torch.int64)
+            if peak is not None:
+                if not peak * scale < LIMIT:  # also refuses NaN
+                    return None
+                x = update.to(torch.float64, copy=True)
+                x.mul_(scale)
+            else:
+                x = update.to(torch.float64, copy=True)
+                x.mul_(scale)
+                if not bool((x.abs() < LIMIT).all()):
+                    return None
+            x.mul_(SCALE)  # a power of two: exact
+            torch.round(x, out=x)
+            return x.to(torch.int64)
         return update.float() * float(np.float32(scale))
 
     def add_vector(self, encoded: torch.Tensor, start: int = 0) -> None:
@@ -125,8 +140,16 @@ class RoundBuffer:
 
 def sq_norm(update: torch.Tensor) -> float:
     """||update||^2 in float64, the same bits at any thread count (numpy pairwise summation)."""
-    u = update.detach().double().cpu().numpy()
-    return float(np.add.reduce(u * u))
+    u = update.detach().to("cpu", torch.float64, copy=True).numpy()
+    np.multiply(u, u, out=u)
+    return float(np.add.reduce(u))
+
+
+def peak_abs(update: torch.Tensor) -> float:
+    """max |update| in one pass without a temporary (NaN if any element is NaN; inf if any is
+    infinite): the finiteness and range checks of a client update in one reduction."""
+    lo, hi = torch.aminmax(update.detach())
+    return max(-float(lo), float(hi)) if not (math.isnan(lo) or math.isnan(hi)) else math.nan
 
 
 def finite(x: float) -> bool:

@@ -56,6 +56,7 @@ from gptfl_hpc.fl.aggregate import (
     S_UNCLIPPED,
     S_WEIGHT,
     RoundBuffer,
+    peak_abs,
     sq_norm,
 )
 from gptfl_hpc.fl.checkpoint import CheckpointPolicy, Checkpoints
@@ -403,16 +404,17 @@ class Federation:
             update = trained - global_dev
             if cid in self.fault_nan:
                 update[0] = float("nan")
-            if not (bool(torch.isfinite(update).all()) and np.isfinite(loss)):
+            peak = peak_abs(update)  # one pass: finiteness, and the encoder's range check
+            if not (math.isfinite(peak) and np.isfinite(loss)):
                 log.warning("round %d: client %d sent a non-finite update; dropped", rnd, cid)
                 buf.add_stat(S_DROPPED, 1)
                 continue
             unclipped = True
             if self.dp is not None:  # clip on the client's rank, before encoding; weight 1
                 factor, unclipped = self.dp.clip(sq_norm(update))
-                encoded = buf.encode(update, factor)
+                encoded = buf.encode(update, factor, peak)
             else:
-                encoded = buf.encode(update, n_k / total)
+                encoded = buf.encode(update, n_k / total, peak)
             control_part = None
             if encoded is not None and self.scaffold is not None and control is not None:
                 new_c, dc = self.scaffold.change(cid, control)
@@ -561,10 +563,16 @@ class Evaluator:
 
 
 class Selection:
-    """``fl.select=synthetic_val``: the server keeps the global model with the best accuracy on
-    its synthetic validation split (round 0, the init, included; ties go to the earlier round)
-    and, with ``fl.patience``, agrees with every rank to stop once that many evaluations in a
-    row brought no improvement. Its state goes into every checkpoint (bitwise resume)."""
+    """``fl.select=synthetic_val``: the server keeps the global model of the FL round with the
+    best accuracy on its synthetic validation split (ties go to the earlier round) and, with
+    ``fl.patience``, agrees with every rank to stop once that many evaluations in a row brought
+    no improvement. Its state goes into every checkpoint (bitwise resume).
+
+    Round 0 (the pretrained model) is measured and reported but is not a candidate: it was fit
+    to the synthetic distribution, so on a split of that distribution it beats the FL rounds in
+    most cells of the study (README, "Does the FL stage add to synthetic-only?") whatever they
+    do on real data. Comparing round 0 there says nothing about the private data; the split
+    chooses among the FL rounds."""
 
     FILE = "selection"
 
@@ -582,6 +590,8 @@ class Selection:
         if v is None:
             return
         self.history.append([rnd, v, record["test_accuracy"]])
+        if rnd == 0:  # the pretrained model: reported, not a candidate (see the class doc)
+            return
         if v > self.val:
             self.round, self.val, self.test, self.since = rnd, float(v), \
                 record["test_accuracy"], 0
