@@ -631,3 +631,26 @@ def test_failed_job_reports_the_apps_one_line_error(tmp_path, monkeypatch):
     with pytest.raises(JobFailed, match=r"failed: gptfl-hpc federate: error: 2 client ranks but "
                                         r"only 1 clients .*exited with code 2 on rank 0"):
         rank0_result(job)
+
+
+def test_job_error_comes_from_any_rank_when_rank_0_was_killed_first(tmp_path):
+    """srun --kill-on-bad-exit can SIGTERM rank 0 before it prints its own refusal when another
+    rank refuses first (a loaded node): the reported error is then that rank's one-line error,
+    named; rank 0's own error wins when it has one; none found is None."""
+    import types
+
+    from gptfl_hpc.launch.jobs import _app_error
+
+    line = "[gptfl r{r}] gptfl-hpc federate: error: MPI world size 1 != SLURM_NTASKS 3: ..."
+    (tmp_path / "27_0_log.err").write_text("slurmstepd: error: *** STEP 27.0 CANCELLED ***\n")
+    (tmp_path / "27_2_log.err").write_text(line.format(r=2) + "\n")
+    (tmp_path / "270_1_log.err").write_text("gptfl-hpc federate: error: another job's\n")
+    job = types.SimpleNamespace(job_id="27",
+                                paths=types.SimpleNamespace(stderr=tmp_path / "27_0_log.err"))
+    assert _app_error(job) == ("gptfl-hpc federate: error: MPI world size 1 != SLURM_NTASKS 3: "
+                               "... [rank 2]")
+    (tmp_path / "27_0_log.err").write_text(line.format(r=0) + "\n")
+    assert _app_error(job) == "gptfl-hpc federate: error: MPI world size 1 != SLURM_NTASKS 3: ..."
+    for f in tmp_path.glob("27_*"):
+        f.write_text("nothing\n")
+    assert _app_error(job) is None

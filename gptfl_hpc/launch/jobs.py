@@ -309,6 +309,27 @@ def submit_task(argv: list[str], out: Path, slurm, cluster: str, *,
     return job
 
 
+def _app_error(job: submitit.Job) -> str | None:
+    """The app's own one-line error from the job's task logs: rank 0's, else the first other
+    task's that has one. srun --kill-on-bad-exit may SIGTERM rank 0 before it prints its error
+    when another rank fails first (an every-rank refusal on a loaded node), so rank 0's log
+    alone can hold only the signal."""
+    first = Path(job.paths.stderr)
+    pat = re.compile(rf"{re.escape(str(job.job_id))}_(\d+)_log\.err")
+    found = {int(m.group(1)): p for p in first.parent.glob(f"{job.job_id}_*_log.err")
+             if (m := pat.fullmatch(p.name))}
+    for k in sorted(found, key=lambda t: (t != 0, t)):  # rank 0 first
+        try:
+            log_text = found[k].read_text(errors="replace")
+        except OSError:
+            continue
+        app = [ln.split("] ", 1)[-1] for ln in log_text.splitlines()
+               if re.search(r"gptfl-hpc [\w-]+: error: ", ln)]
+        if app:
+            return app[-1] if k == 0 else f"{app[-1]} [rank {k}]"
+    return None
+
+
 def rank0_result(job: submitit.Job) -> dict | None:
     """Wait for the job and return rank 0's result (raises JobFailed on failure).
 
@@ -321,14 +342,9 @@ def rank0_result(job: submitit.Job) -> dict | None:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip(" -")]
         raised = [ln for ln in lines if re.match(r"[\w.]+(Error|Exception|JobFailed): ", ln)]
         why = raised[-1] if raised else (lines or [type(e).__name__])[0]
-        try:
-            log_text = Path(job.paths.stderr).read_text(errors="replace")
-        except OSError:
-            log_text = ""
-        app = [ln.split("] ", 1)[-1] for ln in log_text.splitlines()
-               if re.search(r"gptfl-hpc [\w-]+: error: ", ln)]
+        app = _app_error(job)
         if app:
-            why = f"{app[-1]} ({why})"
+            why = f"{app} ({why})"
         raise JobFailed(f"job {job.job_id} failed: {why}; state {job.state}; logs: "
                         f"{job.paths.stderr}") from None
     return results[0]
