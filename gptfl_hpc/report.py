@@ -260,9 +260,9 @@ def render_markdown(cfg, manifest, report: dict) -> str:
     if chosen:
         parts += [
             "Model selection (fl.select=synthetic_val): " + "; ".join(
-                f"{r['method']} returns round {r['selected_round']}'s model (best accuracy on "
-                f"the server's synthetic validation split; round 0 is the pretrained model; "
-                f"its last round {r['rounds_run']} reached {_pct(r['last_round_accuracy'])})"
+                f"{r['method']} returns round {r['selected_round']}'s model (the FL round with "
+                f"the best accuracy on the server's synthetic validation split; its last round "
+                f"{r['rounds_run']} reached {_pct(r['last_round_accuracy'])})"
                 for r in chosen) + ". Its final acc is that model's.", ""]
     central = next((r for r in report["rows"] if r["method"] == "centralised"), None)
     if central:

@@ -267,7 +267,6 @@ def read_inputs(cfg: PretrainConfig, comm: Any, manifest: Any, data_dir: str | P
                     f"pretrain.batch_size ({cfg.batch_size}) and >= 1 (or 0: no split)")
             cache["val"] = read_rows(syn_path, val_rows, info.dataset)
         return {"manifest": m.to_dict(), "set": dataclasses.asdict(info)}
-        return {"manifest": m.to_dict(), "set": dataclasses.asdict(info)}
 
     head = on_root(comm, inspect)
     s = head["set"]
