@@ -55,3 +55,26 @@ def run_py(code_or_args: list[str], n: int | None = None, timeout: float = 120,
     cmd = base if n is None else [MPIEXEC, "-n", str(n), *base]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env=env(**(extra_env or {})), cwd=REPO)
+
+
+def write_synthetic(path: Path, images, labels) -> Path:
+    """A file in the synthetic set's layout: images, labels (+ prompt_index, guidance, seed)."""
+    import h5py
+    import numpy as np
+
+    n = len(labels)
+    with h5py.File(path, "w") as f:
+        f["images"] = images
+        f["labels"] = labels.astype(np.int64)
+        f["prompt_index"] = np.zeros(n, np.int64)
+        f["guidance"] = np.ones(n, np.float32)
+        f["seed"] = np.arange(n, dtype=np.int64)
+    return path
+
+
+def fake_accelerator(dev, rank: int = 0):
+    """What pretraining's Trainer uses of an accelerate Accelerator, for in-process tests."""
+    import types
+
+    return types.SimpleNamespace(device=dev, process_index=rank, prepare=lambda m, o: (m, o),
+                                 backward=lambda loss: loss.backward())

@@ -15,15 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import types
 import weakref
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import run_py
+from helpers import fake_accelerator, run_py, write_synthetic
 
 from gptfl_hpc import signals
 from gptfl_hpc.config import DataConfig, ModelConfig, PretrainConfig, RunConfig
@@ -44,25 +42,13 @@ CFG = PretrainConfig(epochs=2, batch_size=32, lr=2e-3)
 MODEL = ModelConfig(name="digits_cnn")
 
 
-def _write_synthetic(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
-    """The synthetic set's layout: images, labels (+ prompt_index, guidance, seed)."""
-    n = len(labels)
-    with h5py.File(path, "w") as f:
-        f["images"] = images
-        f["labels"] = labels.astype(np.int64)
-        f["prompt_index"] = np.zeros(n, np.int64)
-        f["guidance"] = np.ones(n, np.float32)
-        f["seed"] = np.arange(n, dtype=np.int64)
-    return path
-
-
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     root = tmp_path_factory.mktemp("pretrain")
     data_dir = root / "data"
     prepare_data(DataConfig(num_clients=2), seed=0, out_dir=data_dir)
     x, y, _ = read_shard(data_dir / "public.h5")
-    syn = _write_synthetic(root / "synthetic.h5", x, y)
+    syn = write_synthetic(root / "synthetic.h5", x, y)
     return {"root": root, "data": data_dir, "syn": syn}
 
 
@@ -129,7 +115,7 @@ def test_complete_stage_is_reused_and_test_split_is_refused(tmp_path):
     data = tmp_path / "data"
     run_cli(["prepare", "configs/tiny.yaml", "--out", data], timeout=120)
     x, y, _ = read_shard(data / "public.h5")
-    syn = _write_synthetic(tmp_path / "syn.h5", x, y)
+    syn = write_synthetic(tmp_path / "syn.h5", x, y)
 
     def pre(out, synthetic, check=True):
         return run_cli(["pretrain", "configs/tiny.yaml", f"data.dir={data}", "--synthetic",
@@ -144,7 +130,7 @@ def test_complete_stage_is_reused_and_test_split_is_refused(tmp_path):
     assert p.returncode == 2 and "prepared test shard of real data" in p.stderr, p.stderr[-2000:]
     # the same test images copied into a synthetic-set layout are found by content
     tx, ty, _ = read_shard(data / "test.h5")
-    copy = _write_synthetic(tmp_path / "copy.h5", np.concatenate([x, tx[:3]]),
+    copy = write_synthetic(tmp_path / "copy.h5", np.concatenate([x, tx[:3]]),
                             np.concatenate([y, ty[:3]]))
     p = pre(tmp_path / "leak2", copy, check=False)
     assert p.returncode == 2 and "3 sample(s) are identical to images of the test split" in \
@@ -325,11 +311,6 @@ def test_streaming_path_gives_bitwise_the_same_weights(digits, baseline):
     assert info["test"] == baseline[1]["test"]
 
 
-def _fake_acc(dev: torch.device, rank: int = 0):
-    return types.SimpleNamespace(device=dev, process_index=rank,
-                                 prepare=lambda m, o: (m, o), backward=lambda loss: loss.backward())
-
-
 @pytest.mark.parametrize("hw, c, augment", [(8, 1, True), (32, 3, True), (32, 3, False)])
 def test_device_batches_equal_the_image_transform(hw, c, augment):
     """The trainer's batch (rows gathered, shifted and flipped as bytes, then normalised, with
@@ -347,7 +328,7 @@ def test_device_batches_equal_the_image_transform(hw, c, augment):
     for rank, (r0, r1) in enumerate([(0, 6), (6, 13)]):
         model = build_model(ModelConfig(name="digits_cnn" if hw == 8 else "resnet20"),
                             (hw, hw, c), 10)
-        tr = Trainer(cfg, _fake_acc(torch.device("cpu"), rank), model,
+        tr = Trainer(cfg, fake_accelerator(torch.device("cpu"), rank), model,
                      ResidentRows(x, torch.device("cpu")), y, tf, seed=7, num_processes=2)
         plan = tr.plan_epoch(3)
         for step in range(tr.steps_per_epoch):
@@ -387,7 +368,8 @@ def test_training_steps_make_no_host_device_copy():
     tf = ImageTransform([0.5] * 3, [0.25] * 3, (32, 32, 3), True)
     for optimizer in ("adamw", "sgd"):
         tr = Trainer(PretrainConfig(epochs=1, batch_size=16, optimizer=optimizer),
-                     _fake_acc(meta), build_model(ModelConfig(name="resnet20"), (32, 32, 3), 10),
+                     fake_accelerator(meta),
+                     build_model(ModelConfig(name="resnet20"), (32, 32, 3), 10),
                      ResidentRows(x, meta), np.arange(96) % 10, tf, seed=0, num_processes=1)
         plan = tr.plan_epoch(0)
         assert plan.draws is not None and plan.draws.device == meta  # copied once per epoch
@@ -587,7 +569,7 @@ def test_missing_synthetic_file(digits, tmp_path):
 
 
 def test_shape_mismatch_names_file_and_both_shapes(digits, tmp_path):
-    syn = _write_synthetic(tmp_path / "big.h5", np.zeros((64, 16, 16, 1), np.uint8),
+    syn = write_synthetic(tmp_path / "big.h5", np.zeros((64, 16, 16, 1), np.uint8),
                            np.zeros(64, np.int64))
     with pytest.raises(DataError) as e:
         _run(digits, tmp_path / "out", syn=syn)
@@ -597,11 +579,11 @@ def test_shape_mismatch_names_file_and_both_shapes(digits, tmp_path):
 
 
 def test_labels_out_of_range_and_too_few_samples(digits, tmp_path):
-    syn = _write_synthetic(tmp_path / "lab.h5", np.zeros((64, 8, 8, 1), np.uint8),
+    syn = write_synthetic(tmp_path / "lab.h5", np.zeros((64, 8, 8, 1), np.uint8),
                            np.full(64, 10, np.int64))
     with pytest.raises(DataError, match=r"labels out of range \[0, 10\)"):
         _run(digits, tmp_path / "out", syn=syn)
-    syn = _write_synthetic(tmp_path / "few.h5", np.zeros((8, 8, 8, 1), np.uint8),
+    syn = write_synthetic(tmp_path / "few.h5", np.zeros((8, 8, 8, 1), np.uint8),
                            np.zeros(8, np.int64))
     with pytest.raises(DataError, match="fewer than pretrain.batch_size=32"):
         _run(digits, tmp_path / "out", syn=syn)

@@ -11,14 +11,12 @@ model bit for bit.
 from __future__ import annotations
 
 import json
-import types
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import run_cli
+from helpers import fake_accelerator, run_cli, write_synthetic
 
 from gptfl_hpc.config import DataConfig, ModelConfig, PretrainConfig, RunConfig, load_config
 from gptfl_hpc.data.manifest import Manifest
@@ -64,12 +62,6 @@ def test_config_keys_are_checked_before_any_work():
     assert cfg.fl.select == "synthetic_val" and cfg.pretrain.val_fraction == 0.25
 
 
-def _acc(device):
-    return types.SimpleNamespace(device=device, process_index=0, num_processes=1,
-                                 prepare=lambda m, o: (m, o),
-                                 backward=lambda loss: loss.backward())
-
-
 def test_trainer_never_draws_a_validation_row_and_fraction_zero_is_unchanged():
     from gptfl_hpc.train.pretrain import ResidentRows, Trainer
 
@@ -80,7 +72,8 @@ def test_trainer_never_draws_a_validation_row_and_fraction_zero_is_unchanged():
     tr_rows, va_rows = split_rows(y, 0.3, seed=0)
 
     def trainer(rows):
-        return Trainer(cfg, _acc(torch.device("cpu")), build_model(ModelConfig(), (8, 8, 1), 10),
+        return Trainer(cfg, fake_accelerator(torch.device("cpu")),
+                       build_model(ModelConfig(), (8, 8, 1), 10),
                        ResidentRows(x, torch.device("cpu")), y, tf, seed=0, num_processes=1,
                        rows=rows)
 
@@ -100,12 +93,7 @@ def digits(tmp_path_factory):
     data_dir = root / "data"
     prepare_data(DataConfig(num_clients=2), seed=0, out_dir=data_dir)
     x, y, _ = read_shard(data_dir / "public.h5")
-    syn = root / "synthetic.h5"
-    with h5py.File(syn, "w") as f:
-        f["images"], f["labels"] = x, y.astype(np.int64)
-        f["prompt_index"] = np.zeros(len(y), np.int64)
-        f["guidance"] = np.ones(len(y), np.float32)
-        f["seed"] = np.arange(len(y), dtype=np.int64)
+    syn = write_synthetic(root / "synthetic.h5", x, y)
     return {"root": root, "data": data_dir, "syn": syn, "labels": y}
 
 

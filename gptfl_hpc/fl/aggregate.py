@@ -92,16 +92,11 @@ class RoundBuffer:
         monotonic: max_i fl(|u_i| * scale) = fl(max_i |u_i| * scale)). The exact encoding
         works in place on one float64 copy; its bits equal round((u * scale) * SCALE)."""
         if self.exact:
-            if peak is not None:
-                if not peak * scale < LIMIT:  # also refuses NaN
-                    return None
-                x = update.to(torch.float64, copy=True)
-                x.mul_(scale)
-            else:
-                x = update.to(torch.float64, copy=True)
-                x.mul_(scale)
-                if not bool((x.abs() < LIMIT).all()):
-                    return None
+            x = update.to(torch.float64, copy=True)
+            x.mul_(scale)
+            ok = peak * scale < LIMIT if peak is not None else bool((x.abs() < LIMIT).all())
+            if not ok:  # (the scalar comparison refuses NaN too)
+                return None
             x.mul_(SCALE)  # a power of two: exact
             torch.round(x, out=x)
             return x.to(torch.int64)

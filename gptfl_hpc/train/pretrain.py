@@ -266,6 +266,7 @@ def read_inputs(cfg: PretrainConfig, comm: Any, manifest: Any, data_dir: str | P
                     f"{len(val_rows)} to validate on; valid: a fraction that leaves >= "
                     f"pretrain.batch_size ({cfg.batch_size}) and >= 1 (or 0: no split)")
             cache["val"] = read_rows(syn_path, val_rows, info.dataset)
+            cache["split"] = (train_rows, val_rows)
         return {"manifest": m.to_dict(), "set": dataclasses.asdict(info)}
 
     head = on_root(comm, inspect)
@@ -278,7 +279,8 @@ def read_inputs(cfg: PretrainConfig, comm: Any, manifest: Any, data_dir: str | P
     inputs = Inputs(manifest or Manifest.from_dict(head["manifest"]), info, labels,
                     cache.pop("test", None))
     if cfg.val_fraction > 0:  # the same split on every rank (labels and seed are the same)
-        inputs.train_rows, inputs.val_rows = split_rows(labels, cfg.val_fraction, seed)
+        inputs.train_rows, inputs.val_rows = (cache.pop("split", None)
+                                              or split_rows(labels, cfg.val_fraction, seed))
         inputs.val = cache.pop("val", None)
     return inputs
 
