@@ -30,6 +30,8 @@ COMMANDS = {
     "grid": "the experiment grid (methods x seeds x alphas x volumes x clients per round), "
             "locally or as one Slurm array job",
     "collect": "a finished grid's tables: tables.md, tables.csv, diversity.png",
+    "choose": "pick a fine-tuning regime among finished grids on the clients' validation rows "
+              "(never the test set)",
 }
 
 
@@ -43,6 +45,16 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("dir", help="the grid's directory (grid --out)")
             s.add_argument("--target", type=float, default=None, help="target accuracy for "
                            "'rounds to target' (default: the grid's fl.target_accuracy)")
+            continue
+        if name == "choose":  # grid directories, no config
+            s.add_argument("dirs", nargs="+", help="grid directories, one per regime (the "
+                           "current default first: ties go to it)")
+            s.add_argument("--method", default="gptfl", help="the grid method whose cells are "
+                           "compared (default gptfl)")
+            s.add_argument("--level", type=float, default=0.05, help="significance level of "
+                           "'a candidate beats the first grid', Bonferroni-divided by the "
+                           "number of candidates (default 0.05)")
+            s.add_argument("--out", default=None, help="write choice.md and choice.json here")
             continue
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. fl.rounds=50")
@@ -86,9 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     rank = _rank_from_env()
     init_logging(rank)
     try:
-        if args.command == "collect":
+        if args.command in ("collect", "choose"):
             if args.overrides:
                 parser.error(f"unrecognized arguments: {' '.join(args.overrides)}")
+            if args.command == "choose":
+                from gptfl_hpc.choose import run_choose_command
+
+                return run_choose_command(args)
             from gptfl_hpc.collect import run_collect_command
 
             return run_collect_command(args)

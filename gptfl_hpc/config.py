@@ -278,7 +278,7 @@ class FLConfig:
     keep_checkpoints: int = 2
     target_accuracy: float = 0.9
     """summary.json reports the first round whose test accuracy reaches this."""
-    select: Literal["last", "synthetic_val"] = "last"
+    select: Literal["last", "synthetic_val", "client_val"] = "last"
     """Which global model a GPT-FL run (FL from the pretrained model) returns. last: the last
     round's. synthetic_val: the FL round's with the best accuracy on the server's validation
     split of the synthetic set (``pretrain.val_fraction`` of it, never trained on), measured
@@ -288,10 +288,22 @@ class FLConfig:
     looks at private data, and the test split plays no part in the choice.
     ``final.safetensors`` holds the selected weights; summary.json's ``selection`` names the
     round, its validation and test accuracy. FL from random init (FedAvg from scratch) has no
-    synthetic data and always returns the last round."""
+    synthetic data and always returns the last round, unless it selects with client_val.
+    client_val: the round (round 0, the pretrained model, included) with the best accuracy on
+    the clients' held-out rows (``fl.client_val_fraction``), scored by the clients themselves
+    (federated evaluation: only per-client counts reach the server; fl/clientval.py)."""
     patience: int = 0
-    """With select=synthetic_val: stop FL once this many evaluations in a row have not
-    improved the best validation accuracy (0: run all fl.rounds)."""
+    """With select=synthetic_val or client_val: stop FL once this many evaluations in a row
+    have not improved the best validation accuracy (0: run all fl.rounds)."""
+    client_val_fraction: float = 0.0
+    """Federated validation: every client holds out floor(x n_k) of its n_k rows (at least one
+    row still trains), drawn from run.seed; at every evaluation round the client ranks score
+    the global model on them and only per-client counts (rows, correct, summed loss) cross MPI.
+    metrics.jsonl gets client_val_accuracy (sample-weighted), the mean and the worst client's
+    accuracy, and summary.json round 0's. The held-out rows never train (FedAvg's weights use
+    the training rows), so GPT-FL's and FedAvg's FL stages see the same, smaller training set
+    (the centralised reference and the local-only control still use every row).
+    Not with central DP (the counts are not privatised). 0: off (bitwise as without it)."""
     aggregation: Literal["exact", "float32"] = "exact"
     """exact: the round's weighted updates are summed in int64 fixed point (grid 2**-40), so
     the new global model is bit-identical for any rank count, placement and reduction order;
@@ -346,8 +358,13 @@ class FLConfig:
                "'random' or a path ending in .safetensors")
         _check(0 <= self.patience <= 1_000_000, "fl.patience", self.patience,
                "0 (off) or a number of evaluations >= 1")
-        _check(self.patience == 0 or self.select == "synthetic_val", "fl.patience",
-               self.patience, "0 unless fl.select=synthetic_val (it stops on that split)")
+        _check(self.patience == 0 or self.select != "last", "fl.patience", self.patience,
+               "0 unless fl.select is synthetic_val or client_val (it stops on that validation)")
+        _check(0.0 <= self.client_val_fraction <= 0.5, "fl.client_val_fraction",
+               self.client_val_fraction, "0 (off) or 0 < x <= 0.5")
+        _check(self.select != "client_val" or self.client_val_fraction > 0, "fl.select",
+               self.select, "'last', 'synthetic_val', or 'client_val' with "
+               "fl.client_val_fraction > 0 (the held-out rows it chooses on)")
 
 
 @frozen
@@ -864,7 +881,11 @@ def _cross_checks(cfg: Config) -> None:
 
 
 def check_dp_algorithm(dp: Any, fl: Any) -> None:
-    """DP-FedAvg runs with every server algorithm but SCAFFOLD (a one-line error)."""
+    """DP-FedAvg runs with every server algorithm but SCAFFOLD, and without the clients'
+    validation (its per-client counts are not privatised); else a one-line error."""
+    _check(not (dp is not None and dp.enabled and fl.client_val_fraction > 0),
+           "fl.client_val_fraction", fl.client_val_fraction, "0 with dp.enabled (the clients' "
+           "validation counts are not privatised)")
     if dp is not None and dp.enabled and fl.algorithm == "scaffold":
         raise ConfigError("config key dp.enabled: SCAFFOLD's control-variate changes are not "
                           "clipped or noised, so DP cannot cover them; valid: dp.enabled=false "

@@ -125,14 +125,15 @@ def write_report(cfg, out: Path, manifest, data_dir: Path, runs: dict[str, Path]
                                           name.endswith("-gptfl") else 0.0)
         sel = summary.get("selection") or {"rule": "last"}
         rows.append({
-            # the returned model's accuracy: the last round's, or (fl.select=synthetic_val)
-            # the round chosen on the server's synthetic validation split
+            # the returned model's accuracy: the last round's, or (fl.select) the round chosen
+            # on the server's synthetic validation split or the clients' held-out rows
             "method": name, "final_accuracy": summary.get("selected_accuracy",
                                                           summary["final_accuracy"]),
             "best_accuracy": summary["best_accuracy"],
             **({"last_round_accuracy": summary["final_accuracy"],
-                "selected_round": sel["round"], "rounds_run": summary.get("rounds_run")}
-               if sel["rule"] == "synthetic_val" else {}),
+                "selected_round": sel["round"], "rounds_run": summary.get("rounds_run"),
+                "selected_by": sel["rule"]}
+               if sel["rule"] != "last" else {}),
             "accuracy_round_10": _at_round(curve, 10),
             "rounds_to_target": summary["rounds_to_target"],
             "rounds_to_fedavg_final": (_first_round_reaching(curve, ref)
@@ -258,11 +259,15 @@ def render_markdown(cfg, manifest, report: dict) -> str:
         "Wall time of GPT-FL includes the server stages (generator, synthesis, pretraining).", ""]
     chosen = [r for r in report["rows"] if "selected_round" in r]
     if chosen:
+        where = {"synthetic_val": "the FL round with the best accuracy on the server's "
+                                  "synthetic validation split",
+                 "client_val": "the round with the best accuracy on the clients' held-out rows, "
+                               "scored by the clients (round 0: the init)"}
         parts += [
-            "Model selection (fl.select=synthetic_val): " + "; ".join(
-                f"{r['method']} returns round {r['selected_round']}'s model (the FL round with "
-                f"the best accuracy on the server's synthetic validation split; its last round "
-                f"{r['rounds_run']} reached {_pct(r['last_round_accuracy'])})"
+            "Model selection (fl.select): " + "; ".join(
+                f"{r['method']} returns round {r['selected_round']}'s model "
+                f"({where[r['selected_by']]}; its last round {r['rounds_run']} reached "
+                f"{_pct(r['last_round_accuracy'])})"
                 for r in chosen) + ". Its final acc is that model's.", ""]
     central = next((r for r in report["rows"] if r["method"] == "centralised"), None)
     if central:

@@ -52,7 +52,7 @@ def test_split_is_stratified_disjoint_and_drawn_from_the_seed():
 def test_config_keys_are_checked_before_any_work():
     with pytest.raises(ConfigError, match="fl.select.*pretrain.val_fraction > 0"):
         load_config(TINY, ["fl.select=synthetic_val"])
-    with pytest.raises(ConfigError, match="fl.patience.*0 unless fl.select=synthetic_val"):
+    with pytest.raises(ConfigError, match="fl.patience.*0 unless fl.select is synthetic_val"):
         load_config(TINY, ["fl.patience=3"])
     with pytest.raises(ConfigError, match="pretrain.val_fraction.*0 \\(off\\) .. 0.5"):
         load_config(TINY, ["pretrain.val_fraction=0.7"])

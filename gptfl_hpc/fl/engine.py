@@ -61,6 +61,8 @@ from gptfl_hpc.fl.aggregate import (
 )
 from gptfl_hpc.fl.checkpoint import CheckpointPolicy, Checkpoints
 from gptfl_hpc.fl.client import ControlVariates, train_client
+from gptfl_hpc.fl.clientval import KEYS as CLIENT_VAL_KEYS
+from gptfl_hpc.fl.clientval import ClientValidation, train_sizes
 from gptfl_hpc.fl.cohort import CohortTrainer
 from gptfl_hpc.fl.dp import DPState
 from gptfl_hpc.fl.fedavg import ServerOptimizer, gradient_diversity
@@ -135,27 +137,54 @@ def load_init(flat: FlatModel, init: str) -> None:
 class ClientData:
     """The shards this rank trains on, read read-only when first needed and kept in an LRU
     cache of ``cache_bytes``. Only client ranks ever construct one: the server never opens a
-    client shard, and no client data crosses MPI."""
+    client shard, and no client data crosses MPI. With ``fl.client_val_fraction`` each client's
+    rows are split once into its training part (``get``) and its held-out validation part
+    (``get_val``, fl/clientval.py)."""
 
     def __init__(self, manifest: Any, data_dir: Path, device: torch.device,
-                 cache_bytes: int) -> None:
+                 cache_bytes: int, val_fraction: float = 0.0, seed: int = 0) -> None:
         self.manifest, self.data_dir, self.device = manifest, data_dir, device
         self.cache_bytes = cache_bytes
-        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.val_fraction, self.seed = val_fraction, seed
+        self._cache: OrderedDict[int, tuple[tuple[torch.Tensor, torch.Tensor],
+                                            tuple[torch.Tensor, torch.Tensor] | None]] = \
+            OrderedDict()
+        self._sizes: dict[int, int] = {}
         self._bytes = 0
 
     def get(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client `cid`'s training rows (all its rows without a validation split)."""
+        return self._load(cid)[0]
+
+    def get_val(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client `cid`'s held-out validation rows."""
+        val = self._load(cid)[1]
+        if val is None:
+            raise DataError(f"client {cid} holds out no validation rows")
+        return val
+
+    def _load(self, cid: int) -> tuple[tuple[torch.Tensor, torch.Tensor],
+                                       tuple[torch.Tensor, torch.Tensor] | None]:
+        from gptfl_hpc.fl.clientval import split_rows
+
         if cid in self._cache:
             self._cache.move_to_end(cid)
             return self._cache[cid]
         x, y = self.manifest.read_client(self.data_dir, cid)
-        item = (torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device))
         size = x.nbytes + y.nbytes
+        train_rows, val_rows = split_rows(len(y), self.val_fraction, self.seed, cid)
+        if len(val_rows):
+            val = (torch.from_numpy(x[val_rows]).to(self.device),
+                   torch.from_numpy(y[val_rows]).to(self.device))
+            x, y = x[train_rows], y[train_rows]
+        item = ((torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)),
+                val if len(val_rows) else None)
         while self._cache and self._bytes + size > self.cache_bytes:
-            _, (ox, oy) = self._cache.popitem(last=False)
-            self._bytes -= ox.numel() * ox.element_size() + oy.numel() * oy.element_size()
+            old, _ = self._cache.popitem(last=False)
+            self._bytes -= self._sizes.pop(old)
         if size <= self.cache_bytes:
             self._cache[cid] = item
+            self._sizes[cid] = size
             self._bytes += size
         return item
 
@@ -206,7 +235,9 @@ class Federation:
         self.manifest, self.data_dir = manifest, data_dir
         self.is_server = comm.rank == 0
         self.workers = list(range(1, comm.size)) if comm.size > 1 else [0]
-        self.sizes = [c.num_samples for c in manifest.clients]
+        # the clients' training rows (fl.client_val_fraction holds some out: fl/clientval.py)
+        self.sizes = train_sizes([c.num_samples for c in manifest.clients],
+                                 fl.client_val_fraction)
         num_clients = len(self.sizes)
         if fl.clients_per_round > num_clients:
             raise ConfigError(f"config key fl.clients_per_round: {fl.clients_per_round} > "
@@ -254,7 +285,8 @@ class Federation:
             beta2=fl.server_beta2, tau=fl.server_tau)
         self.replicated = fl.sync == "replicated" and comm.size > 1
         cache = fl.client_cache_mb << 20 if self.placement == "balanced" else 1 << 62
-        self.data = ClientData(manifest, data_dir, device, cache) if is_worker else None
+        self.data = (ClientData(manifest, data_dir, device, cache, fl.client_val_fraction,
+                                self.seed) if is_worker else None)
         if self.data is not None:  # every shard is checked before the first round
             if self.placement == "static":  # a rank's own shards, read (and verified) up front
                 for cid in sorted(c for c, w in self.static_owner.items() if w == comm.rank):
@@ -265,6 +297,7 @@ class Federation:
                     manifest.check_client(data_dir, cid)
         self.fault_nan = faults.nan_clients()
         self.cohort = self._cohort() if fl.vmap_clients and is_worker else None
+        self.client_val = ClientValidation(self) if fl.client_val_fraction > 0 else None
 
     # -------------------------------------------------------------------- state
 
@@ -563,20 +596,24 @@ class Evaluator:
 
 
 class Selection:
-    """``fl.select=synthetic_val``: the server keeps the global model of the FL round with the
-    best accuracy on its synthetic validation split (ties go to the earlier round) and, with
-    ``fl.patience``, agrees with every rank to stop once that many evaluations in a row brought
-    no improvement. Its state goes into every checkpoint (bitwise resume).
+    """``fl.select``: the server keeps the global model of the round with the best validation
+    accuracy (ties go to the earlier round) and, with ``fl.patience``, agrees with every rank to
+    stop once that many evaluations in a row brought no improvement. Its state goes into every
+    checkpoint (bitwise resume).
 
-    Round 0 (the pretrained model) is measured and reported but is not a candidate: it was fit
-    to the synthetic distribution, so on a split of that distribution it beats the FL rounds in
-    most cells of the study (README, "Does the FL stage add to synthetic-only?") whatever they
-    do on real data. Comparing round 0 there says nothing about the private data; the split
-    chooses among the FL rounds."""
+    synthetic_val: the server's synthetic split. Round 0 (the pretrained model) is measured and
+    reported but is not a candidate: it was fit to the synthetic distribution, so on a split of
+    that distribution it beats the FL rounds in most cells of the study (README, "Does the FL
+    stage add to synthetic-only?") whatever they do on real data; the split chooses among the FL
+    rounds. client_val: the clients' held-out rows (federated evaluation, fl/clientval.py). They
+    come from the private distribution, so round 0 of a run from a pretrained model is a
+    candidate too: when FL does not improve on it there, the pretrained model is returned."""
 
     FILE = "selection"
+    KEYS = {"synthetic_val": "val_accuracy", "client_val": "client_val_accuracy"}
 
-    def __init__(self, patience: int) -> None:
+    def __init__(self, rule: str, patience: int, round0: bool) -> None:
+        self.rule, self.key, self.round0 = rule, self.KEYS[rule], round0
         self.patience = patience
         self.round: int | None = None
         self.val = -1.0
@@ -586,11 +623,11 @@ class Selection:
         self.weights: dict[str, torch.Tensor] = {}
 
     def update(self, rnd: int, record: dict, model: FlatModel) -> None:
-        v = record.get("val_accuracy")
+        v = record.get(self.key)
         if v is None:
             return
         self.history.append([rnd, v, record["test_accuracy"]])
-        if rnd == 0:  # the pretrained model: reported, not a candidate (see the class doc)
+        if rnd == 0 and not self.round0:  # reported, not a candidate (see the class doc)
             return
         if v > self.val:
             self.round, self.val, self.test, self.since = rnd, float(v), \
@@ -614,7 +651,7 @@ class Selection:
         self.weights = Checkpoints.load(d, self.FILE)
 
     def describe(self, last_round: int, rounds: int) -> dict[str, Any]:
-        return {"rule": "synthetic_val", "round": self.round, "val_accuracy": self.val,
+        return {"rule": self.rule, "round": self.round, "val_accuracy": self.val,
                 "test_accuracy": self.test, "patience": self.patience,
                 "stopped_early": last_round < rounds, "last_round": last_round,
                 "val_by_round": self.history}
@@ -647,6 +684,11 @@ def _log_round(r: dict, total: int) -> None:
              "-" if r["train_loss"] is None else f"{r['train_loss']:.3f}", r["clients_ok"],
              r["num_samples"], r["t_client"], r["t_idle"], r["t_comm"], r["t_server"],
              r["t_eval"])
+    if r.get("client_val_accuracy") is not None:
+        log.info("round %d: client validation acc %.2f%% (%d held-out samples of %d clients; "
+                 "worst client %.1f%%) %.2fs", r["round"], 100 * r["client_val_accuracy"],
+                 r["client_val_samples"], r["client_val_clients"],
+                 100 * r["client_val_client_min"], r["t_client_val"])
     if "dp_epsilon" in r:
         log.info("round %d: DP epsilon %s at delta %g (clip norm %.4g)", r["round"],
                  "inf" if r["dp_epsilon"] is None else f"{r['dp_epsilon']:.3f}", r["dp_delta"],
@@ -686,9 +728,11 @@ def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: 
     faults.point("federate", comm.rank)
     set_threads(threads_for(run_cfg, comm, "client"))
     dev = fl_device(run_cfg, comm)
-    # every rank knows whether the server selects on its synthetic split (and may stop early)
-    selecting = fl.select == "synthetic_val" and init != "random"
-    if selecting and comm.rank == 0 and val is None:
+    # every rank knows whether the server selects the returned model (and may stop early):
+    # on its synthetic split (runs from a pretrained model), or on the clients' held-out rows
+    synthetic = fl.select == "synthetic_val" and init != "random"
+    selecting = synthetic or fl.select == "client_val"
+    if synthetic and comm.rank == 0 and val is None:
         raise ConfigError("config key fl.select: 'synthetic_val' but no synthetic validation "
                           "split was given for this run; valid: 'last', or GPT-FL's run from a "
                           "model pretrained with pretrain.val_fraction > 0")
@@ -700,15 +744,17 @@ def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: 
         start_round, wall_before = 1, 0.0
         metrics = evaluator = selection = None
         found: list = [None, []]
+        round0: dict[str, Any] = {}  # the init's metrics (with a validation to compare it on)
         if fed.is_server:
-            selection = Selection(fl.patience) if selecting else None
-            start_round, history, wall_before, found = _resume_state(fed, ckpts, fingerprint,
-                                                                     resume, selection)
+            selection = (Selection(fl.select, fl.patience,
+                                   round0=fl.select == "client_val" and init != "random")
+                         if selecting else None)
+            start_round, history, wall_before, found, saved = _resume_state(
+                fed, ckpts, fingerprint, resume, selection)
+            round0 = dict(saved.get("round0") or {})
             evaluator = Evaluator(fed, model_cfg, threads_for(run_cfg, comm, "server"),
-                                  val=val if selecting else None)
-            if selection is not None and start_round == 1:  # round 0: the pretrained model
-                selection.update(0, evaluator(0), fed.global_model)
-            elif selection is not None and selection.stop:
+                                  val=val if synthetic else None)
+            if selection is not None and start_round > 1 and selection.stop:
                 start_round = fl.rounds + 1  # checkpointed as the early stop was decided
             if config_yaml is not None:
                 write_text(out_dir / "config.yaml", config_yaml)
@@ -719,10 +765,23 @@ def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: 
         if fed.has_rank_state and found[0] is not None:  # each client rank reads its own part
             fed.load_rank_state(Path(found[0]), {"files": found[1]})
         fed.sync_from_server()  # everyone starts from the server's weights and state
+        if int(start_round) == 1 and (selecting or fed.client_val is not None):
+            # round 0, the init before any FL: a collective when the clients validate
+            rec0 = fed.client_val(0) if fed.client_val is not None else {}
+            if fed.is_server:
+                assert evaluator is not None
+                rec0 = evaluator(0) | rec0
+                round0 = {"round": 0} | {k: v for k, v in rec0.items()
+                                         if not k.startswith("t_")}
+                if selection is not None:
+                    selection.update(0, rec0, fed.global_model)
 
         policy = CheckpointPolicy(fl.checkpoint_every, fl.rounds)
         for rnd in range(int(start_round), fl.rounds + 1):
             result = fed.run_round(rnd)
+            # federated validation on the clients' held-out rows, at the evaluation rounds
+            cv = (fed.client_val(rnd) if rnd % fl.eval_every == 0 or rnd == fl.rounds
+                  else dict.fromkeys(CLIENT_VAL_KEYS)) if fed.client_val is not None else {}
             save = policy.should_save(rnd, result.stop)
             rank_files: list[str] = []
             if save and fed.has_rank_state:
@@ -733,7 +792,7 @@ def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: 
                 rank_files = [Checkpoints.rank_file(w) for w in fed.workers]
             if fed.is_server:
                 assert evaluator is not None and metrics is not None
-                record = round_record(result) | evaluator(rnd)
+                record = round_record(result) | evaluator(rnd) | cv
                 if fed.dp is not None:
                     eps = fed.dp.epsilon(rnd)
                     record.update(dp_epsilon=eps if math.isfinite(eps) else None,
@@ -747,10 +806,10 @@ def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: 
             if rank_files:
                 comm.barrier()
             if fed.is_server and save:
-                tensors, extra = fed.state_tensors(), {}
+                tensors, extra = fed.state_tensors(), {"round0": round0} if round0 else {}
                 if selection is not None:
                     tensors[Selection.FILE] = selection.weights
-                    extra = {"selection": selection.state()}
+                    extra["selection"] = selection.state()
                 ckpts.save(rnd, tensors,
                            {"round": rnd, "fingerprint": fingerprint, "history": history,
                             "wall_seconds": record["wall_seconds"], "world_size": comm.size,
@@ -762,8 +821,9 @@ def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: 
                 if fed.is_server:
                     assert selection is not None
                     log.info("early stop after round %d: %d evaluation(s) without a better "
-                             "synthetic-val accuracy than round %s's %.4f (fl.patience %d)",
-                             rnd, selection.since, selection.round, selection.val, fl.patience)
+                             "%s accuracy than round %s's %.4f (fl.patience %d)", rnd,
+                             selection.since, fl.select, selection.round, selection.val,
+                             fl.patience)
                 break
             if result.stop:
                 # non-zero exits end in MPI_Abort (python -m mpi4py): release the ranks only
@@ -775,22 +835,23 @@ def federate(fl: Any, model_cfg: Any, run_cfg: Any, *, manifest: Any, data_dir: 
         if fed.is_server:
             summary = _finish(out_dir, fed, history, fl, model_cfg, placement, comm.library,
                               init, wall_before + time.perf_counter() - t_start, fingerprint,
-                              selection)
+                              selection, round0)
         comm.barrier()
     return summary
 
 
 def _resume_state(fed: Federation, ckpts: Checkpoints, fingerprint: str,
                   resume: bool, selection: Selection | None = None
-                  ) -> tuple[int, list, float, list]:
-    """(first round, metric history, wall seconds so far, [checkpoint dir, its files])."""
+                  ) -> tuple[int, list, float, list, dict]:
+    """(first round, metric history, wall seconds so far, [checkpoint dir, its files], the
+    checkpoint's state record ({} when starting afresh))."""
     from gptfl_hpc.provenance import StaleOutputError
 
     found = ckpts.latest()
     if found is None:
         if resume:
             log.info("--resume: no checkpoint in %s, starting at round 1", ckpts.root)
-        return 1, [], 0.0, [None, []]
+        return 1, [], 0.0, [None, []], {}
     d, state = found
     if state.get("fingerprint") != fingerprint:
         raise StaleOutputError(f"{ckpts.root} holds checkpoints of another request; use a new "
@@ -804,7 +865,7 @@ def _resume_state(fed: Federation, ckpts: Checkpoints, fingerprint: str,
         selection.load(d, state["selection"])
     log.info("resuming from %s (round %d)", d, state["round"])
     return int(state["round"]) + 1, list(state.get("history", [])), \
-        float(state.get("wall_seconds", 0.0)), [str(d), list(state.get("files", []))]
+        float(state.get("wall_seconds", 0.0)), [str(d), list(state.get("files", []))], state
 
 
 def _placement(fed: Federation, comm: Any, dev: torch.device) -> list[dict]:
@@ -833,7 +894,8 @@ def _placement(fed: Federation, comm: Any, dev: torch.device) -> list[dict]:
 
 def _finish(out_dir: Path, fed: Federation, history: list, fl: Any, model_cfg: Any,
             placement: list, mpi_library: str, init: str, wall: float,
-            fingerprint: str, selection: Selection | None = None) -> dict:
+            fingerprint: str, selection: Selection | None = None,
+            round0: dict | None = None) -> dict:
     evaluated = [(r, a) for r, a in history if a is not None]
     if not evaluated:
         raise DataError("no evaluated round in the history")
@@ -855,6 +917,9 @@ def _finish(out_dir: Path, fed: Federation, history: list, fl: Any, model_cfg: A
         selection.describe(history[-1][0], fl.rounds),
         # the returned model's test accuracy (the last round's, or the selected round's)
         "selected_accuracy": evaluated[-1][1] if selection is None else selection.test,
+        # the init's metrics before FL, measured when there is a validation to compare on
+        "round0": round0 or None,
+        "client_val_fraction": fl.client_val_fraction,
     }
     weights = fed.global_model.state_dict() if selection is None else selection.weights
     save_safetensors(weights, out_dir / "final.safetensors",
@@ -867,9 +932,9 @@ def _finish(out_dir: Path, fed: Federation, history: list, fl: Any, model_cfg: A
              100 * summary["final_accuracy"], 100 * best, best_round, 100 * fl.target_accuracy,
              summary["rounds_to_target"], wall)
     if selection is not None:
-        log.info("selected on the synthetic validation split: round %s (synthetic-val acc "
-                 "%.4f, test acc %.4f); final.safetensors holds it", selection.round,
-                 selection.val, selection.test)
+        log.info("selected by fl.select=%s: round %s (validation acc %.4f, test acc %.4f); "
+                 "final.safetensors holds it", selection.rule, selection.round, selection.val,
+                 selection.test)
     return summary
 
 
