@@ -45,7 +45,11 @@ def _overrides(grid: dict) -> list[str]:
 
 
 def _split(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """(the regime: fl.* overrides other than the validation fraction, everything else)."""
+    """(the regime: fl.* overrides other than the validation fraction, everything else but the
+    keys that cannot change a result (provenance.NO_EFFECT: run.threads, run.store, ...))."""
+    from gptfl_hpc.provenance import effective_overrides
+
+    overrides = effective_overrides(overrides)
     regime = [o for o in overrides if o.startswith("fl.")
               and not o.startswith("fl.client_val_fraction=")]
     rest = sorted(o for o in overrides if o not in regime

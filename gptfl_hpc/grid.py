@@ -232,7 +232,12 @@ def write_plan(out: Path, grid: dict) -> None:
             old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             old = {}
-        keys = [k for k in ("config", "overrides", "store", "cells") if old.get(k) != grid[k]]
+        from gptfl_hpc.provenance import effective_overrides
+
+        # overrides that cannot change a result (run.threads, ...) may differ in a rerun
+        keys = [k for k in ("config", "overrides", "store", "cells")
+                if (effective_overrides(old.get(k) or []) != effective_overrides(grid[k])
+                    if k == "overrides" else old.get(k) != grid[k])]
         if keys:
             raise GptflError(f"{path}: holds another grid (differs in {', '.join(keys)}); use "
                              "a new --out (pass --store to share its synthetic sets and "

@@ -167,6 +167,12 @@ def stage_fields(stage: str, names: Iterable[str]) -> list[str]:
                                               or _declared(n, NO_EFFECT))))
 
 
+def effective_overrides(overrides: Iterable[str]) -> list[str]:
+    """The `key=value` overrides that can change a result: those of NO_EFFECT keys (threads,
+    where outputs live, how jobs launch, ...) left out."""
+    return [o for o in overrides if not _declared(o.partition("=")[0].strip(), NO_EFFECT)]
+
+
 def progress_target(stage: str, cfg: Any) -> dict[str, int]:
     """Targets kept out of the identity (a finished run may be extended to a larger one)."""
     if (stage == "federate" and cfg.fl.client_lr_schedule == "constant"

@@ -267,6 +267,10 @@ def test_choose_takes_the_best_client_val_mean_and_ignores_test(tmp_path):
     # nothing significantly better: the default stays, whatever the means or the test say
     assert choose([a, c])["chosen"] == 0
     assert choose([a, a])["chosen"] == 0
+    # overrides that cannot change a result (run.threads) are neither a regime nor a difference
+    d = grid("d", ["run.threads=1", "fl.client_lr=0.0003"], [0.02, 0.03, 0.02, 0.025, 0.03, 0.02],
+             [0.80] * 6)
+    assert choose([a, d])["chosen_regime"] == "fl.client_lr=0.0003"
     with pytest.raises(ConfigError, match="--level"):
         choose([a, b], level=1.5)
 

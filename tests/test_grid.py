@@ -123,6 +123,12 @@ def test_a_directory_holds_one_grid(tmp_path: Path) -> None:
     b = gr.plan(TINY, [], tmp_path, _args(methods="gptfl", seeds="0,1,2"))
     with pytest.raises(GptflError, match=r"grid.json: holds another grid \(differs in cells\)"):
         gr.write_plan(tmp_path, b)
+    # a rerun may change what cannot change a result (threads), not what can (the lr)
+    gr.write_plan(tmp_path, gr.plan(TINY, ["run.threads=1"], tmp_path,
+                                    _args(methods="gptfl", seeds="0,1")))
+    c = gr.plan(TINY, ["fl.client_lr=0.01"], tmp_path, _args(methods="gptfl", seeds="0,1"))
+    with pytest.raises(GptflError, match=r"differs in overrides"):
+        gr.write_plan(tmp_path, c)
 
 
 def test_cell_file_names_agree_between_grid_and_collect() -> None:

@@ -2,7 +2,9 @@
 # The fine-tuning regime study of issue 15: one grid per candidate regime for each embedded
 # default, every cell with 10 % of each client's rows held out for federated validation, then
 # `gptfl-hpc choose` picks the regime on those rows (never on the test set).
-#   bash docs/study/regimes.sh OUT [mnist|digits ...]     (about 25 min per dataset on 2 cores)
+digits ...]$|digits ...]
+# Two scripts side by side on 2 cores: EXTRA_OVERRIDES=run.threads=1 for each (no effect on the
+# numbers under the invariant kernels; it stops two 2-thread cells from thrashing the cores).
 set -euo pipefail
 OUT=${1:?usage: regimes.sh OUT [mnist|digits ...]}
 shift
@@ -26,6 +28,7 @@ for set in $SETS; do
   for r in $ORDER; do
     # shellcheck disable=SC2086
     python -m gptfl_hpc grid "configs/$set.yaml" fl.client_val_fraction=0.1 $extra ${REGIMES[$r]} \
+      ${EXTRA_OVERRIDES:-} \
       --out "$OUT/$set-$r" $G
     dirs+=("$OUT/$set-$r")
   done
