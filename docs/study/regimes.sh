@@ -2,7 +2,7 @@
 # The fine-tuning regime study of issue 15: one grid per candidate regime for each embedded
 # default, every cell with 10 % of each client's rows held out for federated validation, then
 # `gptfl-hpc choose` picks the regime on those rows (never on the test set).
-digits ...]$|digits ...]
+#   bash docs/study/regimes.sh OUT [mnist|digits ...]   (192 cells for both: ~35 min, 2 scripts side by side)
 # Two scripts side by side on 2 cores: EXTRA_OVERRIDES=run.threads=1 for each (no effect on the
 # numbers under the invariant kernels; it stops two 2-thread cells from thrashing the cores).
 set -euo pipefail
