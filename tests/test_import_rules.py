@@ -61,8 +61,9 @@ LAYERS = {
     "report": 7,
     "pipeline": 8,
     "grid": 9, "collect": 9, "launch": 9,
-    "cli": 10,
-    "__main__": 11,
+    "choose": 10,
+    "cli": 11,
+    "__main__": 12,
 }
 
 
