@@ -7,9 +7,13 @@ the thread count, so without care a run on 1 node and on 2 nodes trains differen
 ``run.cpu_kernels: invariant`` (the default) training uses kernels whose results do not depend
 on the thread count:
 
-* oneDNN (mkldnn) convolutions are switched off: their weight gradient splits the batch over the
-  threads and reduces the partial sums in a thread-count-dependent order. NNPACK likewise. The
-  native convolution (im2col + GEMM) is used instead.
+* oneDNN (mkldnn) convolutions compute their weight gradient by splitting the batch over the
+  threads and reducing the partial sums in a thread-count-dependent order. The registry models'
+  convolutions (train/invconv.py) therefore run their forward pass and input gradient on oneDNN
+  with every thread (each output element is one thread's fixed-order sum) and their weight and
+  bias gradients on oneDNN with one thread. oneDNN stays switched off for everything else, and
+  NNPACK too; other convolutions (and the vmapped client trainer) use the native convolution
+  (im2col + GEMM), as every convolution did before train/invconv.py (1.5x slower at 1 thread).
 * MKL's own GEMM threading is switched off on the training thread (``mkl_set_num_threads_local
   (1)``): MKL splits small GEMMs (e.g. a 7x128 @ 128x10 classifier on a short last batch) over
   its threads in a thread-count-dependent way. The convolutions still use every thread (ATen
@@ -30,9 +34,11 @@ Where it applies: FL client training and server pretraining (the thread counts o
 depend on the placement). The embedded generator's training runs on rank 0 alone, so its thread
 count does not depend on the rank count; it uses the fast kernels (the invariant ones cost 2.4x
 on its UNet). ``fast`` restores oneDNN/NNPACK everywhere: then FL results depend on the threads
-per rank, and so on the rank count. Cost of invariant kernels (2026-12-01, AMD EPYC, 1 thread,
-batch 32, one SGD step, median of 5 interleaved runs): digits_cnn 10.2 vs 6.2 ms (1.66x),
-convnet 270 vs 160 ms (1.68x), resnet20 393 vs 174 ms (2.25x).
+per rank, and so on the rank count. Cost of invariant kernels with the native convolution
+(2026-12-01, AMD EPYC, 1 thread, batch 32, one SGD step, median of 5 interleaved runs):
+digits_cnn 10.2 vs 6.2 ms (1.66x), convnet 270 vs 160 ms (1.68x), resnet20 393 vs 174 ms
+(2.25x); with train/invconv.py (2026-12-02, simple_cnn, batch 10): 12.8 ms against fast's 13.4
+at 1 thread, 8.4 against 6.7 at 2 (the native convolution: 19.1 and 9.6).
 What stays CPU-dependent either way: ATen and MKL pick AVX2 or AVX-512 code paths by CPU, so an
 Intel and an AMD machine (or two CPU generations) may differ in the last bits. Inference
 (synthesis, evaluation) keeps oneDNN: forward convolutions are thread-invariant. GPUs: no bitwise
@@ -101,6 +107,11 @@ def pin_gemm_threads(enabled: bool) -> bool:
 
 
 _ACTIVE = {"invariant": False}
+
+
+def invariant_active() -> bool:
+    """Whether training runs under the invariant CPU kernels right now (train/invconv.py)."""
+    return _ACTIVE["invariant"]
 
 
 def set_threads(n: int) -> None:

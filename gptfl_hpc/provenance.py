@@ -50,6 +50,9 @@ from gptfl_hpc.errors import StaleOutputError
 
 FORMAT = 1
 """Bump when the meaning of a stage's result changes for the same config."""
+INVARIANT_KERNELS = 2
+"""Version of run.cpu_kernels=invariant's CPU kernels, a derived input of the training stages
+(bumped when their bits change for the same config; numerics.py, train/invconv.py)."""
 
 STAGES = ("prepare", "generator", "synthesize", "pretrain", "federate", "local_only",
           "centralised")
@@ -243,7 +246,13 @@ def request(stage: str, cfg: Any, *, inputs: dict[str, str] | None = None,
     progress = progress_target(stage, cfg)
     if stage == "federate" and not progress:
         config["fl.rounds"] = cfg.fl.rounds
-    return Request(stage, config, dict(inputs or {}), dict(derived or {}), progress)
+    derived = dict(derived or {})
+    if "run.cpu_kernels" in config and cfg.run.cpu_kernels == "invariant":
+        # the invariant kernels' version: 2 = oneDNN convolutions with a one-thread weight
+        # gradient (train/invconv.py); outputs of version 1 (native convolutions) differ in
+        # their bits, so they are not reused
+        derived["invariant_kernels"] = INVARIANT_KERNELS
+    return Request(stage, config, dict(inputs or {}), derived, progress)
 
 
 # ------------------------------------------------------------------------------ digests

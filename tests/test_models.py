@@ -91,8 +91,12 @@ def test_convnet_keys_match_the_reference():
 
 
 def test_simple_cnn_is_pfl_research_layout():
+    from gptfl_hpc.train.invconv import InvariantConv2d
+
     model = build_model(cfg("simple_cnn"), (32, 32, 3), 10)
-    kinds = [type(m).__name__ for m in model]
+    # the convolutions are nn.Conv2d with the thread-invariant CPU path (train/invconv.py)
+    assert all(type(m) is InvariantConv2d for m in model if isinstance(m, torch.nn.Conv2d))
+    kinds = ["Conv2d" if isinstance(m, InvariantConv2d) else type(m).__name__ for m in model]
     assert kinds == ["Conv2d", "ReLU", "Conv2d", "ReLU", "MaxPool2d", "Dropout", "Flatten",
                      "Linear", "ReLU", "Dropout", "Linear"]
     assert [m.p for m in model if isinstance(m, torch.nn.Dropout)] == [0.25, 0.5]
@@ -273,7 +277,9 @@ out = {"threads": torch.get_num_threads()}
 # (model, input, batch, SGD steps): resnet18's last stage is 1x1 at 17..32 px; the GroupNorm
 # case needs a trained (non-unit) gamma, hence two steps
 CASES = (("resnet18", (20, 20, 3), 8, 1), ("audio_cnn", (128, 101, 1), 4, 2),
-         ("audio_crnn", (128, 101, 1), 8, 1), ("simple_cnn", (32, 32, 3), 8, 1))
+         ("audio_crnn", (128, 101, 1), 8, 1), ("simple_cnn", (32, 32, 3), 8, 2),
+         ("lenet5", (28, 28, 1), 10, 2), ("convnet", (32, 32, 3), 4, 1))
+from gptfl_hpc.train.invconv import InvariantConv1d, InvariantConv2d
 with training_kernels("invariant"):
     for name, shape, b, steps in CASES:
         torch.manual_seed(0)
@@ -289,6 +295,10 @@ with training_kernels("invariant"):
             opt.step()
         blob = b"".join(t.numpy().tobytes() for t in model.state_dict().values())
         out[name] = hashlib.sha256(blob).hexdigest()
+        # every convolution took the oneDNN path with the one-thread weight gradient
+        convs = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+        out[name + " convs"] = [len(convs), sum(isinstance(m, (InvariantConv1d, InvariantConv2d))
+                                                for m in convs)]
 print(json.dumps(out))
 """
 
@@ -313,3 +323,5 @@ def test_training_does_not_depend_on_the_thread_count():
         results.append(json.loads(p.stdout.strip().splitlines()[-1]))
     assert [r.pop("threads") for r in results] == [1, 2]
     assert results[0] == results[1]
+    for key, (convs, adopted) in ((k, v) for k, v in results[0].items() if k.endswith("convs")):
+        assert convs == adopted > 0, key

@@ -507,6 +507,9 @@ def build_model(model_cfg, in_shape: tuple[int, int, int] | list[int], num_class
     if tuple(out.shape) != (2, num_classes):
         raise ModelError(f"model {name}: output shape {tuple(out.shape)} for {num_classes} "
                          "classes")
+    from gptfl_hpc.train.invconv import adopt
+
+    adopt(model)  # thread-invariant oneDNN convolutions under run.cpu_kernels=invariant
     return model.train()
 
 
