@@ -99,6 +99,11 @@ def choose(dirs: list[Path], method: str = "gptfl", level: float = 0.05) -> dict
         raise ConfigError(f"choose --level: invalid value {level!r}; valid: 0 < level < 1")
     if len(dirs) < 2:
         raise ConfigError("choose: give at least two grid directories (the regimes to compare)")
+    try:
+        import scipy.stats  # noqa: F401  (the rule's paired t-test)
+    except ImportError:
+        raise ConfigError("choose: the rule's paired t-test needs scipy, which is not "
+                          "installed; valid: pip install scipy") from None
     regimes = [read_regime(Path(d), method) for d in dirs]
     base = regimes[0]
     for r in regimes[1:]:
