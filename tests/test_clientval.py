@@ -20,6 +20,7 @@ import pytest
 import torch
 from helpers import run_cli, run_py
 from safetensors.torch import load_file
+from test_federate import federate
 
 from gptfl_hpc.config import load_config
 from gptfl_hpc.data.manifest import Manifest
@@ -65,11 +66,6 @@ def data_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("data") / "data"
     run_cli(["prepare", TINY, "--out", d], timeout=120)
     return d
-
-
-def federate(out, data_dir, *over, n=3, check=True, env=None, timeout=180):
-    return run_cli(["federate", TINY, "--out", out, f"data.dir={data_dir}", *over], n=n,
-                   check=check, extra_env=env, timeout=timeout)
 
 
 def records(out: Path) -> list[dict]:

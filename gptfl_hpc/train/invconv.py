@@ -99,22 +99,28 @@ class _Conv(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None
 
 
-class InvariantConv1d(nn.Conv1d):
+class _Invariant:
+    """The shared `_conv_forward` of the invariant subclasses (mixed in before nn.Conv*d)."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
                       bias: torch.Tensor | None) -> torch.Tensor:
         if _active(input, weight):
             return _Conv.apply(input, weight, bias, list(self.stride), list(self.padding),
                                list(self.dilation), self.groups)
-        return super()._conv_forward(input, weight, bias)
+        return super()._conv_forward(input, weight, bias)  # type: ignore[misc]
 
 
-class InvariantConv2d(nn.Conv2d):
-    def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor,
-                      bias: torch.Tensor | None) -> torch.Tensor:
-        if _active(input, weight):
-            return _Conv.apply(input, weight, bias, list(self.stride), list(self.padding),
-                               list(self.dilation), self.groups)
-        return super()._conv_forward(input, weight, bias)
+class InvariantConv1d(_Invariant, nn.Conv1d):
+    pass
+
+
+class InvariantConv2d(_Invariant, nn.Conv2d):
+    pass
 
 
 _SWAP = {nn.Conv1d: InvariantConv1d, nn.Conv2d: InvariantConv2d}
