@@ -153,3 +153,75 @@ def test_encode_with_a_known_peak_gives_the_elementwise_bits_and_verdicts():
     assert torch.equal(buf.encode(d, 0.25, peak_abs(d)), buf.encode(d, 0.25))
     assert torch.equal(d, keep)
     assert peak_abs(torch.tensor([-5.0, 2.0])) == 5.0
+
+
+@pytest.mark.parametrize("encoding", ["exact", "float32"])
+def test_add_update_through_scratch_buffers_equals_encode_then_add(encoding):
+    """The engine adds each client's update through buffers kept between clients
+    (RoundBuffer.add_update); the sums must be the bits of add_vector(encode(u)) for every
+    client in turn, with the scratch reused across updates of different sizes and offsets,
+    and fits() must give encode()'s verdict. sq_norm with a scratch buffer: the same bits."""
+    import math
+
+    from gptfl_hpc.fl.aggregate import LIMIT, RoundBuffer, peak_abs, sq_norm
+
+    rng = np.random.default_rng(1)
+    ref, new = RoundBuffer(40, 2, encoding, extra=10), RoundBuffer(40, 2, encoding, extra=10)
+    scratch = torch.from_numpy(np.full(64, np.nan))
+    for k in range(6):
+        n = 40 if k % 3 else 17
+        u = torch.from_numpy(rng.standard_normal(n).astype(np.float32)) * 10.0 ** (k - 3)
+        scale = (k + 1) / 7
+        assert new.fits(peak_abs(u), scale) == (ref.encode(u, scale, peak_abs(u)) is not None)
+        ref.add_vector(ref.encode(u, scale))
+        new.add_update(u, scale)
+        c = u[:10] * 0.5
+        ref.add_vector(ref.encode(c, 0.1), start=40)
+        new.add_update(c, 0.1, start=40)
+        assert sq_norm(u, scratch) == sq_norm(u)
+    assert np.array_equal(ref.host, new.host)
+    assert new.host[:50].any()
+    if encoding == "exact":
+        big = torch.full((5,), float(np.float32(LIMIT)))
+        assert not new.fits(peak_abs(big), 1.0) and ref.encode(big, 1.0) is None
+        assert not new.fits(math.nan, 0.5)
+
+
+@pytest.mark.parametrize("kernels", ["invariant", "fast"])
+def test_client_transform_once_per_client_gives_the_per_batch_bits(kernels, monkeypatch):
+    """Without augmentation train_client transforms a client's images once and indexes the
+    float copy per minibatch; with the size cap at 0 it transforms every minibatch. Both must
+    give the same trained bits (simple_cnn: dropout, channels-last input) and loss."""
+    from types import SimpleNamespace
+
+    from gptfl_hpc.fl import client as client_mod
+    from gptfl_hpc.fl.params import FlatModel
+    from gptfl_hpc.numerics import training_kernels
+    from gptfl_hpc.train.models import build_model
+    from gptfl_hpc.train.transforms import make_transform
+
+    fl = SimpleNamespace(client_lr_schedule="constant", client_lr=0.05, rounds=1,
+                         body_lr_scale=1.0, client_optimizer="sgd", client_momentum=0.9,
+                         client_weight_decay=0.0, batch_size=4, algorithm="fedavg",
+                         prox_mu=0.0, local_epochs=2)
+    tf = make_transform("image", [0.4] * 3, [0.2] * 3, (12, 12, 3), False)
+    assert tf.rowwise and not tf.augment
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (11, 12, 12, 3), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 10, (11,), generator=g)
+    calls, outs = [], []
+    real = tf.__call__
+    monkeypatch.setattr(type(tf), "__call__", lambda self, x, gen=None: (
+        calls.append(len(x)), real(x, gen))[1])
+    for cap in (client_mod.PRETRANSFORM_BYTES, 0):
+        monkeypatch.setattr(client_mod, "PRETRANSFORM_BYTES", cap)
+        calls.clear()
+        with training_kernels(kernels):
+            torch.manual_seed(0)
+            flat = FlatModel(build_model(SimpleNamespace(name="simple_cnn", width=0, depth=0),
+                                         (12, 12, 3), 10))
+            loss = client_mod.train_client(flat.model, flat.params, flat.flat.clone(), images,
+                                           labels, tf, fl, seed=5, client_id=2, round_=1)
+        outs.append((flat.flat.clone(), loss, list(calls)))
+    assert outs[0][2] == [11] and len(outs[1][2]) == 6  # once; per minibatch (2 epochs x 3)
+    assert torch.equal(outs[0][0], outs[1][0]) and outs[0][1] == outs[1][1]

@@ -73,6 +73,7 @@ class RoundBuffer:
         self.stats = np.zeros(N_STATS + world, dtype=np.float64)
         self._stat_scale = np.full(N_STATS + world, 2.0**STAT_BITS)
         self._stat_scale[S_SQNORM] = SCALE
+        self._scratch: dict[tuple[str, torch.dtype, str], torch.Tensor] = {}
 
     def zero(self) -> None:
         self.host[:] = 0
@@ -101,6 +102,48 @@ class RoundBuffer:
             torch.round(x, out=x)
             return x.to(torch.int64)
         return update.float() * float(np.float32(scale))
+
+    def fits(self, peak: float, scale: float) -> bool:
+        """Whether an update with max |element| `peak` can be encoded at `scale`: the verdict
+        :meth:`encode` gives (False for NaN)."""
+        return peak * scale < LIMIT if self.exact else True
+
+    def add_update(self, update: torch.Tensor, scale: float, start: int = 0) -> None:
+        """Add ``encode(update, scale)`` to the vectors, through scratch buffers kept between
+        calls: the same bits as ``add_vector(encode(update, scale))`` without its three
+        model-sized temporaries (allocating and faulting in 2 x 13 MB per client cost more than
+        the arithmetic: 13.4 ms against 1.7 ms for a 1.6M-parameter update, measured). The
+        caller checks :meth:`fits` first."""
+        n = update.numel()
+        if self.exact:
+            x = self.scratch("f64", n, torch.float64, update.device)
+            x.copy_(update)
+            x.mul_(scale)
+            x.mul_(SCALE)  # a power of two: exact
+            torch.round(x, out=x)
+            enc = self.scratch("encoded", n, torch.int64, update.device)
+            enc.copy_(x)
+        else:
+            enc = self.scratch("encoded", n, torch.float32, update.device)
+            torch.mul(update, float(np.float32(scale)), out=enc)
+        self.add_vector(enc, start)
+
+    def scratch(self, name: str, n: int, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+        """A reusable 1-D buffer of at least `n` elements (its first `n` returned); one per
+        (name, dtype, device), grown when needed, never shrunk; its contents are garbage.
+        :meth:`add_update` uses the names "f64" and "encoded": a caller may share "f64" only
+        between calls."""
+        key = (name, dtype, str(torch.device(device)))
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < n:
+            np_dtype = {torch.float64: np.float64, torch.int64: np.int64,
+                        torch.float32: np.float32}[dtype]
+            buf = (torch.from_numpy(np.empty(n, dtype=np_dtype))  # numpy: huge pages
+                   if torch.device(device).type == "cpu"
+                   else torch.empty(n, dtype=dtype, device=device))
+            self._scratch[key] = buf
+        return buf[:n]
 
     def add_vector(self, encoded: torch.Tensor, start: int = 0) -> None:
         self._vec[start:start + encoded.numel()].add_(encoded.to(self._vec.device))
@@ -133,9 +176,16 @@ class RoundBuffer:
         return vec, stats
 
 
-def sq_norm(update: torch.Tensor) -> float:
-    """||update||^2 in float64, the same bits at any thread count (numpy pairwise summation)."""
-    u = update.detach().to("cpu", torch.float64, copy=True).numpy()
+def sq_norm(update: torch.Tensor, scratch: torch.Tensor | None = None) -> float:
+    """||update||^2 in float64, the same bits at any thread count (numpy pairwise summation).
+    `scratch`: a float64 CPU tensor of at least update.numel() elements to work in (no
+    allocation; its contents are overwritten)."""
+    if scratch is not None:
+        buf = scratch[:update.numel()]
+        buf.copy_(update.detach().reshape(-1))
+        u = buf.numpy()
+    else:
+        u = update.detach().to("cpu", torch.float64, copy=True).numpy()
     np.multiply(u, u, out=u)
     return float(np.add.reduce(u))
 

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 from gptfl_hpc.seeding import derive, torch_generator
 
+PRETRANSFORM_BYTES = 64 << 20
+"""Largest float32 copy of one client's images transformed once per round (else per batch)."""
+
 
 def client_lr(fl_cfg: Any, round_: int) -> float:
     """The client learning rate of a round (a pure function of the round: resume-safe)."""
@@ -97,6 +100,13 @@ def _train(model: torch.nn.Module, params: Sequence[torch.Tensor], global_params
     corrections = _split_like(control.correction, params) if control is not None else []
     sums = _split_like(control.grad_sum, params) if control is not None else []
     model.train()
+    # without augmentation an image transform is a per-row elementwise map: apply it once per
+    # client instead of once per minibatch (the same bits: tests/test_federate.py), while the
+    # float copy stays small
+    whole = None
+    if getattr(transform, "rowwise", False) and not transform.augment and \
+            images.numel() * 4 <= PRETRANSFORM_BYTES:
+        whole = transform(images, g)
     total = torch.zeros((), dtype=torch.float64, device=labels.device)
     count = 0
     for _ in range(fl_cfg.local_epochs):
@@ -105,7 +115,7 @@ def _train(model: torch.nn.Module, params: Sequence[torch.Tensor], global_params
             idx = perm[start:start + bs]
             if len(idx) < 2 < n:  # a lone sample breaks BatchNorm and adds only noise
                 continue
-            x = transform(images[idx], g)
+            x = transform(images[idx], g) if whole is None else whole[idx]
             y = labels[idx]
             loss = F.cross_entropy(model(x), y)
             total += loss.detach().double() * len(idx)  # no host sync per step

@@ -433,8 +433,12 @@ class Federation:
         buf = self.buffer
         assert self.data is not None
         global_dev = self.global_model.flat.to(self.dev)  # no copy on the CPU
+        # the per-client bookkeeping works in buffers kept between clients and rounds: fresh
+        # model-sized temporaries (page faults) cost more than the arithmetic on them
+        update = buf.scratch("update", self.n_model, torch.float32, self.dev)
+        host64 = buf.scratch("f64", self.n_model, torch.float64, "cpu")  # used between calls
         for cid, n_k, loss, trained, control in self._trained(rnd, todo, global_dev):
-            update = trained - global_dev
+            torch.sub(trained, global_dev, out=update)
             if cid in self.fault_nan:
                 update[0] = float("nan")
             peak = peak_abs(update)  # one pass: finiteness, and the encoder's range check
@@ -444,21 +448,21 @@ class Federation:
                 continue
             unclipped = True
             if self.dp is not None:  # clip on the client's rank, before encoding; weight 1
-                factor, unclipped = self.dp.clip(sq_norm(update))
-                encoded = buf.encode(update, factor, peak)
+                scale, unclipped = self.dp.clip(sq_norm(update, host64))
             else:
-                encoded = buf.encode(update, n_k / total, peak)
+                scale = n_k / total
+            ok = buf.fits(peak, scale)
             control_part = None
-            if encoded is not None and self.scaffold is not None and control is not None:
+            if ok and self.scaffold is not None and control is not None:
                 new_c, dc = self.scaffold.change(cid, control)
                 control_part = buf.encode(dc, 1.0 / len(self.sizes))
-                encoded = encoded if control_part is not None else None
-            if encoded is None:
+                ok = control_part is not None
+            if not ok:
                 log.warning("round %d: client %d sent an update too large to aggregate "
                             "(diverged); dropped", rnd, cid)
                 buf.add_stat(S_DIVERGED, 1)
                 continue
-            buf.add_vector(encoded)
+            buf.add_update(update, scale)
             if control_part is not None:
                 buf.add_vector(control_part, start=self.n_model)
                 self.scaffold.commit(cid, new_c)  # type: ignore[union-attr]
@@ -468,7 +472,7 @@ class Federation:
                 # the un-noised per-client statistics are not collected under DP (fl/dp.py)
                 buf.add_stat(S_UNCLIPPED, float(unclipped))
                 continue
-            buf.add_stat(S_SQNORM, (n_k / total) ** 2 * sq_norm(update[:self.n_params]))
+            buf.add_stat(S_SQNORM, (n_k / total) ** 2 * sq_norm(update[:self.n_params], host64))
             buf.add_stat(S_LOSS, n_k * loss)
 
     def _trained(self, rnd: int, todo: list[int], global_dev: torch.Tensor

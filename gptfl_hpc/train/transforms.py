@@ -42,6 +42,9 @@ class ImageTransform:
         """(H, W, C) of what the model sees (the same as the input for images)."""
         self.pad = 4 if h >= 32 else 1
         self.flip = h >= 32
+        self.rowwise = True
+        """Without augmentation each output row depends on its input row only, elementwise:
+        transforming a batch equals transforming its rows one by one, bit for bit."""
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None
                  ) -> torch.Tensor:
