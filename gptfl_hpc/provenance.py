@@ -50,7 +50,7 @@ from gptfl_hpc.errors import StaleOutputError
 
 FORMAT = 1
 """Bump when the meaning of a stage's result changes for the same config."""
-INVARIANT_KERNELS = 2
+INVARIANT_KERNELS = 3
 """Version of run.cpu_kernels=invariant's CPU kernels, a derived input of the training stages
 (bumped when their bits change for the same config; numerics.py, train/invconv.py)."""
 
@@ -249,8 +249,9 @@ def request(stage: str, cfg: Any, *, inputs: dict[str, str] | None = None,
     derived = dict(derived or {})
     if "run.cpu_kernels" in config and cfg.run.cpu_kernels == "invariant":
         # the invariant kernels' version: 2 = oneDNN convolutions with a one-thread weight
-        # gradient (train/invconv.py); outputs of version 1 (native convolutions) differ in
-        # their bits, so they are not reused
+        # gradient (train/invconv.py); 3 = that gradient summed over fixed batch chunks and
+        # evaluation's convolutions on oneDNN too; outputs of other versions differ in their
+        # bits, so they are not reused
         derived["invariant_kernels"] = INVARIANT_KERNELS
     return Request(stage, config, dict(inputs or {}), derived, progress)
 

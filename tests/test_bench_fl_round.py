@@ -170,3 +170,19 @@ def test_usage_errors_are_one_line(args, needle):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("bench_fl_round: error: ")
     assert needle in lines[0]
+
+
+def test_client_profile_prints_a_measured_row_per_kernel_mode():
+    """benchmarks/profile_fl_client.py (the per-phase attribution in docs/benchmarks.md) runs
+    on random pixels and prints one row of positive timings per kernel mode."""
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_fl_client.py"),
+                        "--clients", "2", "--repeats", "1", "--threads", "1"],
+                       capture_output=True, text=True, timeout=240, cwd=REPO,
+                       env=env(OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [ln for ln in p.stdout.splitlines() if ln.startswith(("| fast", "| invariant"))]
+    assert [r.split("|")[1].strip() for r in rows] == ["fast", "invariant"]
+    for r in rows:
+        cells = [c.strip() for c in r.split("|")[2:-1]]
+        bare, train, book = (float(c) for c in cells[:3])
+        assert cells[3] == "-" and min(bare, train, book) > 0

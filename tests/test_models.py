@@ -276,10 +276,16 @@ from gptfl_hpc.train.models import build_model
 out = {"threads": torch.get_num_threads()}
 # (model, input, batch, SGD steps): resnet18's last stage is 1x1 at 17..32 px; the GroupNorm
 # case needs a trained (non-unit) gamma, hence two steps
+# (the weight gradients run in chunks of at most 16 samples, on worker threads above 1 thread:
+# audio_crnn's 17 make two, lenet5's 40 three)
 CASES = (("resnet18", (20, 20, 3), 8, 1), ("audio_cnn", (128, 101, 1), 4, 2),
-         ("audio_crnn", (128, 101, 1), 8, 1), ("simple_cnn", (32, 32, 3), 8, 2),
-         ("lenet5", (28, 28, 1), 10, 2), ("convnet", (32, 32, 3), 4, 1))
-from gptfl_hpc.train.invconv import InvariantConv1d, InvariantConv2d
+         ("audio_crnn", (128, 101, 1), 17, 1), ("simple_cnn", (32, 32, 3), 10, 2),
+         ("lenet5", (28, 28, 1), 40, 2), ("convnet", (32, 32, 3), 4, 1))
+from gptfl_hpc.train import invconv
+from gptfl_hpc.train.invconv import _WORKERS, InvariantConv1d, InvariantConv2d
+took = []  # the evaluation convolutions that took the oneDNN forward
+real_forward_only = invconv._forward_only
+invconv._forward_only = lambda x, w: took.append(real_forward_only(x, w)) or took[-1]
 with training_kernels("invariant"):
     for name, shape, b, steps in CASES:
         torch.manual_seed(0)
@@ -295,10 +301,18 @@ with training_kernels("invariant"):
             opt.step()
         blob = b"".join(t.numpy().tobytes() for t in model.state_dict().values())
         out[name] = hashlib.sha256(blob).hexdigest()
+        model.eval()  # evaluation: oneDNN's forward with every thread, a larger batch
+        took.clear()
+        with torch.no_grad():
+            logits = model(torch.randn(48, c, h, w, generator=g))
+        assert took and all(took), (name, took)
+        out[name + " eval"] = hashlib.sha256(logits.numpy().tobytes()).hexdigest()
         # every convolution took the oneDNN path with the one-thread weight gradient
         convs = [m for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
         out[name + " convs"] = [len(convs), sum(isinstance(m, (InvariantConv1d, InvariantConv2d))
                                                 for m in convs)]
+out["worker threads"] = _WORKERS.size
+out["threads after"] = torch.get_num_threads()
 print(json.dumps(out))
 """
 
@@ -322,6 +336,24 @@ def test_training_does_not_depend_on_the_thread_count():
         assert p.returncode == 0, p.stderr[-3000:]
         results.append(json.loads(p.stdout.strip().splitlines()[-1]))
     assert [r.pop("threads") for r in results] == [1, 2]
+    assert [r.pop("threads after") for r in results] == [1, 2]
+    # 1 thread: the chunks one after another; 2: on two one-thread workers
+    assert [r.pop("worker threads") for r in results] == [0, 2]
     assert results[0] == results[1]
     for key, (convs, adopted) in ((k, v) for k, v in results[0].items() if k.endswith("convs")):
         assert convs == adopted > 0, key
+
+
+def test_weight_gradient_chunks_depend_on_the_batch_size_only():
+    """The invariant convolutions sum their weight gradient over fixed batch chunks: nearly
+    equal, consecutive, covering the batch once, about WGRAD_CHUNK samples each."""
+    from gptfl_hpc.train.invconv import WGRAD_CHUNK, batch_chunks
+
+    for b in range(1, 70):
+        parts = batch_chunks(b)
+        assert parts[0][0] == 0 and parts[-1][1] == b
+        assert all(e0 == s1 for (_, e0), (s1, _) in zip(parts, parts[1:]))
+        sizes = [e - s for s, e in parts]
+        assert max(sizes) - min(sizes) <= 1 and max(sizes) <= WGRAD_CHUNK
+        assert len(parts) == -(-b // WGRAD_CHUNK)
+    assert batch_chunks(10) == [(0, 10)] and batch_chunks(40) == [(0, 14), (14, 27), (27, 40)]
