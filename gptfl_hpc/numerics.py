@@ -11,7 +11,10 @@ on the thread count:
   threads and reducing the partial sums in a thread-count-dependent order. The registry models'
   convolutions (train/invconv.py) therefore run their forward pass and input gradient on oneDNN
   with every thread (each output element is one thread's fixed-order sum) and their weight and
-  bias gradients on oneDNN with one thread. oneDNN stays switched off for everything else, and
+  bias gradients as a fixed-order sum over fixed batch chunks (at most 16 samples; a function
+  of the batch size alone), each chunk's on oneDNN with one thread (the chunks run concurrently
+  on one-thread worker threads). Their forward pass without autograd (evaluation) runs on
+  oneDNN with every thread as well. oneDNN stays switched off for everything else, and
   NNPACK too; other convolutions (and the vmapped client trainer) use the native convolution
   (im2col + GEMM), as every convolution did before train/invconv.py (1.5x slower at 1 thread).
 * MKL's own GEMM threading is switched off on the training thread (``mkl_set_num_threads_local
@@ -38,10 +41,14 @@ per rank, and so on the rank count. Cost of invariant kernels with the native co
 (2026-12-01, AMD EPYC, 1 thread, batch 32, one SGD step, median of 5 interleaved runs):
 digits_cnn 10.2 vs 6.2 ms (1.66x), convnet 270 vs 160 ms (1.68x), resnet20 393 vs 174 ms
 (2.25x); with train/invconv.py (2026-12-02, simple_cnn, batch 10): 12.8 ms against fast's 13.4
-at 1 thread, 8.4 against 6.7 at 2 (the native convolution: 19.1 and 9.6).
+at 1 thread, 8.4 against 6.7 at 2 (the native convolution: 19.1 and 9.6). Per FL client of
+pfl's CIFAR shape at 2 threads (benchmarks/profile_fl_client.py, docs/benchmarks.md) the
+invariant kernels cost about 1.4x fast's training time: the one-thread weight gradient of a
+batch of 10 (one chunk) and the one-thread GEMMs of the linear layers.
 What stays CPU-dependent either way: ATen and MKL pick AVX2 or AVX-512 code paths by CPU, so an
 Intel and an AMD machine (or two CPU generations) may differ in the last bits. Inference
-(synthesis, evaluation) keeps oneDNN: forward convolutions are thread-invariant. GPUs: no bitwise
+(synthesis, evaluation) keeps oneDNN: forward convolutions are thread-invariant
+(tests/test_models.py compares evaluation logits at 1 and 2 threads). GPUs: no bitwise
 promise (cuDNN picks algorithms at run time).
 """
 

@@ -155,12 +155,23 @@ def test_encode_with_a_known_peak_gives_the_elementwise_bits_and_verdicts():
     assert peak_abs(torch.tensor([-5.0, 2.0])) == 5.0
 
 
-@pytest.mark.parametrize("encoding", ["exact", "float32"])
-def test_add_update_through_scratch_buffers_equals_encode_then_add(encoding):
+@pytest.mark.parametrize("encoding,threads", [("exact", 1), ("exact", 2), ("float32", 1)])
+def test_add_update_through_scratch_buffers_equals_encode_then_add(encoding, threads):
     """The engine adds each client's update through buffers kept between clients
-    (RoundBuffer.add_update); the sums must be the bits of add_vector(encode(u)) for every
-    client in turn, with the scratch reused across updates of different sizes and offsets,
-    and fits() must give encode()'s verdict. sq_norm with a scratch buffer: the same bits."""
+    (RoundBuffer.add_update: one multiply by scale * 2**40, then numpy's rint into int64 at
+    one thread, torch's round and cast above); the sums must be the bits of
+    add_vector(encode(u)) for every client in turn, with the scratch reused across updates of
+    different sizes and offsets, and fits() must give encode()'s verdict. sq_norm with a
+    scratch buffer: the same bits."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_add_update(encoding)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _check_add_update(encoding):
     import math
 
     from gptfl_hpc.fl.aggregate import LIMIT, RoundBuffer, peak_abs, sq_norm
