@@ -57,6 +57,10 @@ class RunConfig:
     oneDNN/NNPACK convolutions (faster ResNets on CPU; results depend on the threads per rank).
     The embedded generator's training always runs on rank 0 alone with the fast kernels. See
     gptfl_hpc/numerics.py."""
+    concurrent_clients: bool = True
+    """With cpu_kernels=invariant on CPU, a client rank with T > 1 threads trains T of its
+    clients at a time, one thread each, instead of one after another on T threads: the same
+    bits (gptfl_hpc/fl/concurrent.py), faster for small models; one model copy per thread."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: a GPU when one is visible. The server ranks synthesise and pretrain there; FL
     workers train (and the server evaluates) on their node-local GPU."""

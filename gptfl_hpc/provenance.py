@@ -101,6 +101,9 @@ NO_EFFECT: dict[str, str] = {
     "run.algorithms": "which FL stages `run` executes; each is identified by its own request "
                       "(made from the config with that algorithm's settings)",
     "run.rendezvous": "where the server processes meet; not what they compute",
+    "run.concurrent_clients": "clients trained at once on one-thread workers give the bits of "
+                              "one after another (invariant kernels only; "
+                              "tests/test_concurrent.py)",
     "run.store": "where stage outputs live; each is identified by its own fingerprint",
     "run.server_processes": "pretraining uses the same global batch and augmentation draws at "
                             "any process count (DDP changes the float summation order only); "

@@ -71,14 +71,26 @@ class ControlVariates:
 def train_client(model: torch.nn.Module, params: Sequence[torch.Tensor],
                  global_params: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
                  transform: Any, fl_cfg: Any, *, seed: int,
-                 client_id: int, round_: int, control: ControlVariates | None = None) -> float:
+                 client_id: int, round_: int, control: ControlVariates | None = None,
+                 own_dropout_stream: bool = False) -> float:
     """Train `model` in place on one client's data; return the mean training loss.
 
     `params` are the model's parameters (views into its flat buffer) and `global_params` the
     flat parameter part of the round's global model (for FedProx's proximal term); `control`:
-    SCAFFOLD's correction and gradient accumulator (updated in place).
+    SCAFFOLD's correction and gradient accumulator (updated in place); `own_dropout_stream`:
+    the model's dropout layers are fl/concurrent.py's and draw from a generator of this
+    thread (the same masks as torch's global generator seeded alike).
     """
     g = torch_generator(seed, "client-train", client_id, round_)
+    if own_dropout_stream:
+        # the concurrent trainer (fl/concurrent.py): the model's dropout layers draw from this
+        # thread's generator, seeded as the global one is below (the same masks), so threads
+        # never share torch's global RNG
+        from gptfl_hpc.fl.concurrent import dropout_stream
+
+        with dropout_stream(torch_generator(seed, "client-dropout", client_id, round_)):
+            return _train(model, params, global_params, images, labels, transform, fl_cfg, g,
+                          round_, control)
     devices = [images.device.index or 0] if images.is_cuda else []
     with torch.random.fork_rng(devices=devices):
         # layers that draw from torch's global RNG (dropout) get a stream of their own per

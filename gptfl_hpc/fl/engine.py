@@ -297,6 +297,9 @@ class Federation:
                     manifest.check_client(data_dir, cid)
         self.fault_nan = faults.nan_clients()
         self.cohort = self._cohort() if fl.vmap_clients and is_worker else None
+        self.concurrent = None
+        if is_worker and self.cohort is None:
+            self.concurrent = self._concurrent(model_cfg, model_shape, manifest)
         self.client_val = ClientValidation(self) if fl.client_val_fraction > 0 else None
 
     # -------------------------------------------------------------------- state
@@ -428,8 +431,77 @@ class Federation:
             bytes_reduced=int(host.nbytes), t_times=worker_times, private=self.dp is not None,
             dp=dp_info)
 
+    def _get(self, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        faults.point("client", self.comm.rank)
+        assert self.data is not None
+        return self.data.get(cid)
+
+    def _train_one(self, wm: FlatModel, cid: int, x: torch.Tensor, y: torch.Tensor, rnd: int,
+                   global_dev: torch.Tensor) -> float:
+        """One client on a concurrent worker (fl/concurrent.py): `wm` from the global model."""
+        wm.flat.copy_(global_dev)
+        return train_client(wm.model, wm.params, global_dev[:self.n_params], x, y,
+                            self.transform, self.fl, seed=self.seed, client_id=cid, round_=rnd,
+                            own_dropout_stream=True)
+
+    def _train_concurrent(self, rnd: int, todo: list[int], total: float) -> None:
+        """:meth:`_train` for concurrent workers with exact aggregation and no central DP: each
+        worker also computes its client's update, checks and encodes it into the slot's own
+        int64 accumulator (integer sums: the order cannot matter) and its squared norm, so
+        the main thread only adds statistics, in client order, and the slots' sums once. The
+        same verdicts, statistics and bits as :meth:`_train`."""
+        buf = self.buffer
+        global_dev = self.global_model.flat
+        assert self.concurrent is not None
+
+        def job(slot: Any, cid: int, x: torch.Tensor, y: torch.Tensor) -> tuple:
+            st = slot.state
+            if "acc" not in st:
+                st["acc"] = RoundBuffer(self.n_model, 1, "exact")
+                st["update"] = st["acc"].scratch("update", self.n_model, torch.float32)
+            loss = self._train_one(slot.model, cid, x, y, rnd, global_dev)
+            update = st["update"]
+            torch.sub(slot.model.flat, global_dev, out=update)
+            if cid in self.fault_nan:
+                update[0] = float("nan")
+            peak = peak_abs(update)
+            if not (math.isfinite(peak) and np.isfinite(loss)):
+                return loss, S_DROPPED, 0.0
+            scale = len(y) / total
+            if not buf.fits(peak, scale):
+                return loss, S_DIVERGED, 0.0
+            st["acc"].add_update(update, scale)
+            st["used"] = True
+            return loss, S_OK, sq_norm(update[:self.n_params],
+                                       st["acc"].scratch("f64", self.n_model, torch.float64))
+
+        for slot in self.concurrent.slots:
+            if slot.state.get("used"):
+                slot.state["acc"].zero()
+                slot.state["used"] = False
+        for cid, n_k, (loss, verdict, sqn), _ in self.concurrent.train(todo, self._get, job):
+            if verdict == S_DROPPED:
+                log.warning("round %d: client %d sent a non-finite update; dropped", rnd, cid)
+                buf.add_stat(S_DROPPED, 1)
+            elif verdict == S_DIVERGED:
+                log.warning("round %d: client %d sent an update too large to aggregate "
+                            "(diverged); dropped", rnd, cid)
+                buf.add_stat(S_DIVERGED, 1)
+            else:
+                buf.add_stat(S_WEIGHT, n_k)
+                buf.add_stat(S_OK, 1)
+                buf.add_stat(S_SQNORM, (n_k / total) ** 2 * sqn)
+                buf.add_stat(S_LOSS, n_k * loss)
+        for slot in self.concurrent.slots:
+            if slot.state.get("used"):
+                buf.add_vector(slot.state["acc"]._vec)
+
     def _train(self, rnd: int, todo: list[int], total: float) -> None:
         """Train this rank's clients of the round; add their encoded updates to the buffer."""
+        if self.concurrent is not None and len(todo) > 1 and self.buffer.exact and \
+                self.dp is None and self.scaffold is None and self.dev.type == "cpu":
+            self._train_concurrent(rnd, todo, total)
+            return
         buf = self.buffer
         assert self.data is not None
         global_dev = self.global_model.flat.to(self.dev)  # no copy on the CPU
@@ -482,6 +554,13 @@ class Federation:
         time (fl/cohort.py). A yielded model is only valid until the next one is asked for."""
         wm, data = self.work_model, self.data
         assert wm is not None and data is not None
+        if self.concurrent is not None and len(todo) > 1:
+            def job(slot: Any, cid: int, x: torch.Tensor, y: torch.Tensor) -> float:
+                return self._train_one(slot.model, cid, x, y, rnd, global_dev)
+
+            for cid, n_k, loss, slot in self.concurrent.train(todo, self._get, job):
+                yield cid, n_k, loss, slot.model.flat, None
+            return
         step = max(1, self.cohort.size if self.cohort is not None else len(todo))
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
@@ -525,6 +604,29 @@ class Federation:
             return None
         return [(cid, float(len(data[i][1])), loss, row, None if controls is None else controls[i])
                 for i, (cid, loss, row) in enumerate(zip(chunk, losses, rows))]
+
+    def _concurrent(self, model_cfg: Any, model_shape: tuple, manifest: Any) -> Any:
+        """run.concurrent_clients: the rank's concurrent trainer (fl/concurrent.py), or None."""
+        from gptfl_hpc.fl import concurrent
+        from gptfl_hpc.train.models import build_model
+
+        k = torch.get_num_threads()
+        rc = self.run_cfg
+        if not (getattr(rc, "concurrent_clients", False) and k > 1 and self.dev.type == "cpu"
+                and rc.cpu_kernels == "invariant" and self.scaffold is None
+                and manifest.kind == "image"):
+            return None
+        assert self.work_model is not None
+        reason = concurrent.why_not(self.work_model.model)
+        if reason is not None:
+            log.info("run.concurrent_clients: rank %d trains its clients one after another: "
+                     "the model cannot train concurrently (%s)", self.comm.rank, reason)
+            return None
+        def make() -> FlatModel:
+            with torch.random.fork_rng(devices=[]):  # the copies' init is overwritten anyway
+                return FlatModel(build_model(model_cfg, model_shape, manifest.num_classes))
+
+        return concurrent.ConcurrentClients(make, k)
 
     def _cohort(self) -> CohortTrainer | None:
         """fl.vmap_clients: the rank's vmapped trainer, or None (one log line says why)."""
@@ -879,7 +981,9 @@ def _placement(fed: Federation, comm: Any, dev: torch.device) -> list[dict]:
             if fed.placement == "static" else None)
     placement = comm.allgather_json({"rank": comm.rank, "node": comm.node,
                                      "local_rank": comm.local_rank, "device": str(dev),
-                                     "threads": torch.get_num_threads(), "clients": mine})
+                                     "threads": torch.get_num_threads(), "clients": mine,
+                                     "concurrent_clients": (fed.concurrent.k if fed.concurrent
+                                                            is not None else 1)})
     if fed.is_server:
         log.info("federate: %d ranks (%d client workers), %d clients, %d per round, %s, "
                  "placement %s%s, aggregation %s, model %d params (buffer %.1f MB)",
@@ -890,7 +994,9 @@ def _placement(fed: Federation, comm: Any, dev: torch.device) -> list[dict]:
                  fed.buffer.host.nbytes / 1e6)
         nodes = sorted({p["node"] for p in placement})
         where = "; ".join(f"r{p['rank']}@{p['node']}/{p['local_rank']} {p['device']} "
-                          f"x{p['threads']}" for p in placement)
+                          f"x{p['threads']}"
+                          + (f" ({p['concurrent_clients']} clients at once)"
+                             if p["concurrent_clients"] > 1 else "") for p in placement)
         log.info("placement (%s): %d node(s) %s; %s", comm.library, len(nodes), ",".join(nodes),
                  where)
     return placement

@@ -164,6 +164,27 @@ def _weight_grad(args: tuple, need_w: bool, need_b: bool
     return gw, gb
 
 
+class _Threads:
+    """`n` intra-op threads on this thread for the block (MKL re-pinned as
+    numerics.set_threads does under invariant kernels)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        self.saved = torch.get_num_threads()
+        if self.n != self.saved:
+            from gptfl_hpc.numerics import set_threads
+
+            set_threads(self.n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.n != self.saved:
+            from gptfl_hpc.numerics import set_threads
+
+            set_threads(self.saved)
+
+
 class _Workers:
     """A thread pool whose threads each run torch with ONE intra-op thread (oneDNN and MKL on
     that thread: sequential, so their reductions have one order). torch's thread count is
@@ -176,12 +197,16 @@ class _Workers:
         self.size = 0
         self.pid = 0
 
-    def map(self, fn: Any, items: list, threads: int) -> list:
+    def submit(self, threads: int, fn: Any, *args: Any) -> Any:
+        """A future of fn(*args) on a pool of `threads` one-thread workers."""
         import os
 
         if self.pool is None or self.size != threads or self.pid != os.getpid():
             self._start(threads)
-        return [f.result() for f in [self.pool.submit(fn, it) for it in items]]
+        return self.pool.submit(fn, *args)
+
+    def map(self, fn: Any, items: list, threads: int) -> list:
+        return [f.result() for f in [self.submit(threads, fn, it) for it in items]]
 
     def _start(self, threads: int) -> None:
         import os
