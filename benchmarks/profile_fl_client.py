@@ -18,6 +18,9 @@ clients:
   squared norm (the gradient-diversity statistic).
 * ``read``: ``ClientData.get`` of a client not in the cache: the HDF5 shard read and its
   checksum check (only with --data).
+* ``concurrent`` (invariant kernels, more than one thread): the engine's
+  ``run.concurrent_clients`` path, one client per thread, training and bookkeeping on the
+  workers: wall time per client.
 
 Each under ``run.cpu_kernels`` fast and invariant (the default), at --threads threads. Prints
 milliseconds per client (median over the repeats) and the implied seconds per round of
@@ -109,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
               end="")
         print(f"{ours:.2f} | {ours / med['bare']:.2f}x | "
               f"{ours * args.per_round / 1e3:.3f}; {med['bare'] * args.per_round / 1e3:.3f} |")
+    conc = {k: statistics.median(v) for (k, ph), v in times.items() if ph == "concurrent"}
+    for kernels, ms in conc.items():
+        read = statistics.median(times.get((kernels, "read"), [0.0]))
+        print(f"\n{kernels}, run.concurrent_clients ({threads} clients at once, one thread "
+              f"each, bookkeeping on the workers): {ms:.2f} ms of wall time per client, "
+              f"{ms + read:.2f} with the shard read; implied "
+              f"{(ms + read) * args.per_round / 1e3:.3f} s/round")
     return 0
 
 
@@ -169,13 +179,47 @@ def _profile_mode(kernels: str, clients: list, tf: Any, fl: Any, args: argparse.
             for c in todo:
                 fresh.get(c)
 
+        conc = None
+        if kernels == "invariant" and torch.get_num_threads() > 1:
+            from gptfl_hpc.fl.concurrent import ConcurrentClients
+
+            conc = ConcurrentClients(
+                lambda: FlatModel(build_model(model_cfg, (32, 32, 3), 10)),
+                torch.get_num_threads())
+
+        def concurrent() -> None:
+            """The engine's concurrent path: train + bookkeeping on each worker."""
+            def job(slot, cid, x, y) -> float:
+                st = slot.state
+                if "acc" not in st:
+                    st["acc"] = RoundBuffer(work.numel, 1, "exact")
+                    st["u"] = st["acc"].scratch("update", work.numel, torch.float32)
+                slot.model.flat.copy_(global_flat)
+                loss = train_client(slot.model.model, slot.model.params,
+                                    global_flat[:work.num_params], x, y, tf, fl, seed=0,
+                                    client_id=cid, round_=1, own_dropout_stream=True)
+                torch.sub(slot.model.flat, global_flat, out=st["u"])
+                assert st["acc"].fits(peak_abs(st["u"]), 0.02)
+                st["acc"].add_update(st["u"], 0.02)
+                sq_norm(st["u"][:work.num_params],
+                        st["acc"].scratch("f64", work.numel, torch.float64))
+                return loss
+
+            assert conc is not None
+            for _ in conc.train(list(range(len(clients))), lambda c: clients[c], job):
+                pass
+
         bare()
         train()  # warm-up
+        if conc is not None:
+            concurrent()
         ids = list(range(args.clients * (args.repeats + 1)))
         for r in range(args.repeats):
             timed((kernels, "bare"), bare)
             timed((kernels, "train"), train)
             timed((kernels, "book"), book)
+            if conc is not None:
+                timed((kernels, "concurrent"), concurrent)
             if data_obj is not None:  # clients this process has not read yet
                 todo = ids[(r + 1) * args.clients:(r + 2) * args.clients]
                 timed((kernels, "read"), lambda todo=todo: read(todo))

@@ -174,11 +174,12 @@ def test_usage_errors_are_one_line(args, needle):
 
 def test_client_profile_prints_a_measured_row_per_kernel_mode():
     """benchmarks/profile_fl_client.py (the per-phase attribution in docs/benchmarks.md) runs
-    on random pixels and prints one row of positive timings per kernel mode."""
+    on random pixels and prints one row of positive timings per kernel mode, and at 2 threads
+    the concurrent-clients line."""
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_fl_client.py"),
-                        "--clients", "2", "--repeats", "1", "--threads", "1"],
+                        "--clients", "2", "--repeats", "1", "--threads", "2"],
                        capture_output=True, text=True, timeout=240, cwd=REPO,
-                       env=env(OMP_NUM_THREADS="1"))
+                       env=env(OMP_NUM_THREADS="2"))
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [ln for ln in p.stdout.splitlines() if ln.startswith(("| fast", "| invariant"))]
     assert [r.split("|")[1].strip() for r in rows] == ["fast", "invariant"]
@@ -186,3 +187,5 @@ def test_client_profile_prints_a_measured_row_per_kernel_mode():
         cells = [c.strip() for c in r.split("|")[2:-1]]
         bare, train, book = (float(c) for c in cells[:3])
         assert cells[3] == "-" and min(bare, train, book) > 0
+    line = [ln for ln in p.stdout.splitlines() if "run.concurrent_clients (2 clients" in ln]
+    assert len(line) == 1 and float(line[0].split(": ")[1].split(" ms")[0]) > 0
