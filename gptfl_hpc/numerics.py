@@ -44,7 +44,9 @@ digits_cnn 10.2 vs 6.2 ms (1.66x), convnet 270 vs 160 ms (1.68x), resnet20 393 v
 at 1 thread, 8.4 against 6.7 at 2 (the native convolution: 19.1 and 9.6). Per FL client of
 pfl's CIFAR shape at 2 threads (benchmarks/profile_fl_client.py, docs/benchmarks.md) the
 invariant kernels cost about 1.4x fast's training time: the one-thread weight gradient of a
-batch of 10 (one chunk) and the one-thread GEMMs of the linear layers.
+batch of 10 (one chunk) and the one-thread GEMMs of the linear layers. A client rank with more
+than one thread therefore trains that many clients at once, one thread each
+(``run.concurrent_clients``, fl/concurrent.py): the same bits, and faster than ``fast``.
 What stays CPU-dependent either way: ATen and MKL pick AVX2 or AVX-512 code paths by CPU, so an
 Intel and an AMD machine (or two CPU generations) may differ in the last bits. Inference
 (synthesis, evaluation) keeps oneDNN: forward convolutions are thread-invariant

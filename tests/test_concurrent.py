@@ -88,3 +88,14 @@ def test_concurrent_clients_give_the_sequential_bits(data_dir, tmp_path, over):
     assert _metrics(tmp_path / "conc") == _metrics(tmp_path / "seq")
     if "fl.aggregation=float32" not in over:  # float32 sums depend on the rank count
         assert _sha(tmp_path / "conc") == _sha(tmp_path / "three")
+
+
+def test_slots_are_capped_by_memory():
+    import os
+
+    from gptfl_hpc.fl.concurrent import SLOT_BYTES_PER_PARAM, memory_cap
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert memory_cap(1000) > 64
+    per = total // (4 * SLOT_BYTES_PER_PARAM)  # a model that fills a quarter of the memory
+    assert memory_cap(per) == 1 and memory_cap(per // 3) == 3

@@ -27,7 +27,9 @@ What makes the threads independent:
 
 Where it applies: CPU, invariant kernels, image data, a rank with more than one thread and more
 than one client in a round, no SCAFFOLD (its control variates live on the main thread), no
-``fl.vmap_clients``. Cost: one model copy (and one client's activations) per thread.
+``fl.vmap_clients``. Cost: one model copy, its update buffers (about 48 bytes per parameter)
+and one client's activations per thread; a rank runs at most as many slots as fit in a quarter
+of the node's memory (logged when that is fewer than its threads).
 """
 
 from __future__ import annotations
@@ -98,6 +100,22 @@ def adopt(model: nn.Module) -> int:
             m.__class__ = StreamDropout
             n += 1
     return n
+
+
+SLOT_BYTES_PER_PARAM = 48
+"""A slot's memory per model float (model, gradient, optimiser state, the update in float32,
+its float64 and int64 encodings, the slot's int64 accumulator), without activations."""
+
+
+def memory_cap(numel: int, share: float = 0.25) -> int:
+    """How many slots of a `numel`-float model fit in `share` of this node's memory."""
+    import os
+
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 30
+    return max(1, int(total * share // max(1, SLOT_BYTES_PER_PARAM * numel)))
 
 
 class Slot:

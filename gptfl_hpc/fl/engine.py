@@ -622,11 +622,20 @@ class Federation:
             log.info("run.concurrent_clients: rank %d trains its clients one after another: "
                      "the model cannot train concurrently (%s)", self.comm.rank, reason)
             return None
+        cap = concurrent.memory_cap(self.n_model)
+        if cap < k:
+            log.info("run.concurrent_clients: rank %d trains %d clients at a time, not %d: each "
+                     "needs about %.0f MB beside its activations, and the slots may take a "
+                     "quarter of this node's memory", self.comm.rank, cap, k,
+                     concurrent.SLOT_BYTES_PER_PARAM * self.n_model / 1e6)
+            if cap < 2:
+                return None
+
         def make() -> FlatModel:
             with torch.random.fork_rng(devices=[]):  # the copies' init is overwritten anyway
                 return FlatModel(build_model(model_cfg, model_shape, manifest.num_classes))
 
-        return concurrent.ConcurrentClients(make, k)
+        return concurrent.ConcurrentClients(make, min(k, cap))
 
     def _cohort(self) -> CohortTrainer | None:
         """fl.vmap_clients: the rank's vmapped trainer, or None (one log line says why)."""
